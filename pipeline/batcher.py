@@ -1,0 +1,151 @@
+"""The bounded queue between readers and delivery, and the closing of batches.
+
+The queue is bounded by records and by bytes: when delivery falls behind, readers wait in `put`, so memory stays
+flat however large the backlog in the stream. Batches close on whichever comes first of `max_records`,
+`max_bytes` or `max_wait_seconds` since the batch's first entry; records are unmarshalled as they join a batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pipeline.reader import ShardPage
+from pipeline.records import Batch, ChangeRecord, change_record_from_stream
+from pipeline.settings import BatchSettings
+
+
+class QueueClosedError(Exception):
+    """The queue was closed while a reader waited to put a page."""
+
+
+class BoundedQueue:
+    def __init__(self, max_records: int, max_bytes: int) -> None:
+        self._max_records = max_records
+        self._max_bytes = max_bytes
+        self._pages: collections.deque[ShardPage] = collections.deque()
+        self._records = 0
+        self._bytes = 0
+        self._closed = False
+        self._cond = threading.Condition()
+        self.peak_records = 0
+
+    def put(self, page: ShardPage) -> None:
+        """Wait for room, then append. A page larger than the whole capacity still fits into an empty queue."""
+        n = len(page.records)
+        with self._cond:
+            while not self._closed and self._pages and (
+                self._records + n > self._max_records or self._bytes + page.size_bytes > self._max_bytes
+            ):
+                self._cond.wait()
+            if self._closed:
+                raise QueueClosedError("queue closed")
+            self._pages.append(page)
+            self._records += n
+            self._bytes += page.size_bytes
+            self.peak_records = max(self.peak_records, self._records)
+            self._cond.notify_all()
+
+    def get(self, timeout: float) -> ShardPage | None:
+        with self._cond:
+            if not self._pages:
+                self._cond.wait(timeout)
+            if not self._pages:
+                return None
+            page = self._pages.popleft()
+            self._records -= len(page.records)
+            self._bytes -= page.size_bytes
+            self._cond.notify_all()
+            return page
+
+    def close(self) -> None:
+        """Wake and refuse waiting writers; readers can still drain what is queued."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def depth(self) -> tuple[int, int]:
+        with self._cond:
+            return self._records, self._bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ClosedBatch:
+    """A batch for the sinks plus what committing it means for checkpoints."""
+
+    batch: Batch
+    positions: dict[str, str]
+    finished_shards: frozenset[str]
+
+
+@dataclass
+class _OpenBatch:
+    records: list[ChangeRecord] = field(default_factory=list)
+    size_bytes: int = 0
+    positions: dict[str, str] = field(default_factory=dict)
+    finished: set[str] = field(default_factory=set)
+    opened_at: float | None = None
+
+    def empty(self) -> bool:
+        return not self.records and not self.finished
+
+
+class BatchAssembler:
+    """Turns queued pages into closed batches. Used from the delivery thread only."""
+
+    def __init__(
+        self, settings: BatchSettings, table: str, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._settings = settings
+        self._table = table
+        self._clock = clock
+        self._open = _OpenBatch()
+
+    def add(self, page: ShardPage) -> list[ClosedBatch]:
+        closed: list[ClosedBatch] = []
+        for raw in page.records:
+            record = change_record_from_stream(raw, table=self._table, shard_id=page.shard_id)
+            current = self._open
+            if current.opened_at is None:
+                current.opened_at = self._clock()
+            current.records.append(record)
+            current.size_bytes += record.size_bytes
+            current.positions[page.shard_id] = record.sequence_number
+            if (
+                len(current.records) >= self._settings.max_records
+                or current.size_bytes >= self._settings.max_bytes
+            ):
+                closed.append(self._close())
+        if page.end_of_shard:
+            # The shard's last records are in this batch or an earlier one, so it is finished once this commits.
+            self._open.finished.add(page.shard_id)
+            if self._open.opened_at is None:
+                self._open.opened_at = self._clock()
+        return closed
+
+    def due(self) -> bool:
+        opened = self._open.opened_at
+        return opened is not None and self._clock() - opened >= self._settings.max_wait_seconds
+
+    def seconds_until_due(self) -> float:
+        opened = self._open.opened_at
+        if opened is None:
+            return self._settings.max_wait_seconds
+        return max(0.0, opened + self._settings.max_wait_seconds - self._clock())
+
+    def close(self) -> ClosedBatch | None:
+        """Close the open batch now, if it holds anything."""
+        return None if self._open.empty() else self._close()
+
+    def _close(self) -> ClosedBatch:
+        current = self._open
+        self._open = _OpenBatch()
+        return ClosedBatch(
+            batch=Batch(tuple(current.records), current.size_bytes),
+            positions=dict(current.positions),
+            finished_shards=frozenset(current.finished),
+        )

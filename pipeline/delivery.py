@@ -1,0 +1,147 @@
+"""Hands each batch to every sink, retrying and isolating failures, so a checkpoint can follow.
+
+Three failure shapes, three answers:
+- the whole write fails with a retryable error (the sink is down): retry the batch, with back-off, for as long as
+  the outage lasts (or until its oldest record is `retry.max_record_age_seconds` old). Nothing is skipped; the
+  queue fills, readers wait, lag grows.
+- some records come back retryable in `WriteResult.failed` (throttled entries): retry only those, up to
+  `retry.max_attempts`, then dead-letter them.
+- a permanent error: bisect the batch (as Lambda's BisectBatchOnFunctionError does) until the records that fail
+  are isolated; deliver the rest, dead-letter those.
+With `on_failure = "block"`, a record that would be dead-lettered stops the pipeline instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import tenacity
+
+from pipeline.dead_letter import JsonlDeadLetters
+from pipeline.records import Batch, ChangeRecord
+from pipeline.retry import RetryPolicy
+from sinks.base import PermanentSinkError, RetryableSinkError, Sink, SinkError
+
+log = logging.getLogger(__name__)
+
+
+class DeliveryBlockedError(Exception):
+    """A sink refused a record and the pipeline is configured to stop rather than skip it."""
+
+
+@dataclass
+class DeliveryStats:
+    delivered: dict[str, int] = field(default_factory=dict)
+    dead_lettered: dict[str, int] = field(default_factory=dict)
+    batches: int = 0
+
+
+class _RecordsRetryable(RetryableSinkError):
+    """Some records of a write came back retryable; only they are written again."""
+
+
+class Delivery:
+    def __init__(
+        self,
+        sinks: Sequence[Sink],
+        *,
+        retry: RetryPolicy,
+        dead_letters: JsonlDeadLetters,
+        on_failure: str = "dead_letter",
+    ) -> None:
+        self.sinks = list(sinks)
+        self._retry = retry
+        self._dead_letters = dead_letters
+        self._on_failure = on_failure
+        self.stats = DeliveryStats()
+
+    def deliver(self, batch: Batch) -> None:
+        """Return once every sink has taken every record of `batch` or it has been dead-lettered."""
+        if not batch.records:
+            return
+        for sink in self.sinks:
+            refused = self._isolate(sink, batch)
+            if refused:
+                self._refuse(sink, refused)
+            taken = len(batch) - len(refused)
+            self.stats.delivered[sink.name] = self.stats.delivered.get(sink.name, 0) + taken
+        self.stats.batches += 1
+
+    def flush_due(self, now: float) -> bool:
+        return all(sink.flush_due(now) for sink in self.sinks)
+
+    def flush(self) -> None:
+        """Flush every sink, retrying outages until each has made its buffer durable."""
+        for sink in self.sinks:
+            for attempt in self._retry.retrying(f"flush of sink {sink.name}", stop=tenacity.stop_never):
+                with attempt:
+                    sink.flush()
+
+    def _isolate(self, sink: Sink, batch: Batch) -> list[tuple[ChangeRecord, SinkError]]:
+        try:
+            return self._write(sink, batch)
+        except PermanentSinkError as error:
+            if len(batch) == 1:
+                return [(batch.records[0], error)]
+            half = len(batch) // 2
+            log.warning("sink %s refused a batch of %d (%s); bisecting", sink.name, len(batch), error)
+            return self._isolate(sink, _subset(batch.records[:half])) + self._isolate(
+                sink, _subset(batch.records[half:])
+            )
+
+    def _write(self, sink: Sink, batch: Batch) -> list[tuple[ChangeRecord, SinkError]]:
+        """Write with retries; return the records refused for good. Raises PermanentSinkError for the batch."""
+        refused: list[tuple[ChangeRecord, SinkError]] = []
+        pending = batch
+        record_attempts = 0
+        max_age = self._retry.settings.max_record_age_seconds
+        oldest = min(r.approximate_creation_time for r in batch.records)
+
+        def give_up(state: tenacity.RetryCallState) -> bool:
+            error = state.outcome.exception() if state.outcome else None
+            if isinstance(error, _RecordsRetryable):
+                return record_attempts >= self._retry.settings.max_attempts
+            return max_age is not None and (datetime.now(UTC) - oldest).total_seconds() >= max_age
+
+        try:
+            for attempt in self._retry.retrying(f"write to sink {sink.name}", stop=give_up):
+                with attempt:
+                    result = sink.write(pending)
+                    again: list[ChangeRecord] = []
+                    last: SinkError | None = None
+                    for record in pending.records:
+                        error = result.failed.get(record.event_id)
+                        if isinstance(error, RetryableSinkError):
+                            again.append(record)
+                            last = error
+                        elif error is not None:
+                            refused.append((record, error))
+                    if again:
+                        record_attempts += 1
+                        pending = _subset(again)
+                        raise _RecordsRetryable(
+                            f"{len(again)} record(s) not taken: {last}",
+                            retry_after=getattr(last, "retry_after", None),
+                        )
+        except RetryableSinkError as exhausted:
+            refused.extend((record, exhausted) for record in pending.records)
+        return refused
+
+    def _refuse(self, sink: Sink, refused: list[tuple[ChangeRecord, SinkError]]) -> None:
+        if self._on_failure == "block":
+            record, error = refused[0]
+            raise DeliveryBlockedError(
+                f"sink {sink.name} refused record {record.event_id} (shard {record.shard_id}, sequence "
+                f"{record.sequence_number}): {error}; on_failure = 'block' stops here"
+            )
+        self._dead_letters.put(sink.name, refused)
+        self.stats.dead_lettered[sink.name] = self.stats.dead_lettered.get(sink.name, 0) + len(refused)
+        log.error("sink %s refused %d record(s); written to %s", sink.name, len(refused), self._dead_letters.path)
+
+
+def _subset(records: Sequence[ChangeRecord]) -> Batch:
+    return Batch(tuple(records), sum(r.size_bytes for r in records))
+

@@ -1,0 +1,167 @@
+"""The change record model and lossless unmarshalling of DynamoDB JSON.
+
+DynamoDB numbers carry up to 38 significant digits; a float keeps 15-17. Every number therefore becomes a
+`decimal.Decimal` built from the digits DynamoDB sent, and is written back out (JSON, Parquet) from that same
+digit string, never through a float.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+import orjson
+
+EventName = Literal["INSERT", "MODIFY", "REMOVE"]
+Image = Mapping[str, Any]
+
+TTL_PRINCIPAL = "dynamodb.amazonaws.com"
+
+
+@dataclass(frozen=True, slots=True)
+class UserIdentity:
+    """Present only on deletes made by DynamoDB itself (TTL expiry)."""
+
+    type: str
+    principal_id: str
+
+    @property
+    def is_ttl_expiry(self) -> bool:
+        return self.type == "Service" and self.principal_id == TTL_PRINCIPAL
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeRecord:
+    """One item-level change, unmarshalled.
+
+    `raw` keeps the stream record exactly as the service delivered it (DynamoDB JSON), so a sink can forward
+    it unchanged to consumers that already parse Lambda-style stream events.
+    """
+
+    event_id: str
+    event_name: EventName
+    table: str
+    shard_id: str
+    sequence_number: str
+    approximate_creation_time: datetime
+    keys: Image
+    new_image: Image | None
+    old_image: Image | None
+    size_bytes: int
+    user_identity: UserIdentity | None
+    raw: Mapping[str, Any]
+
+    @property
+    def sequence(self) -> int:
+        """Sequence numbers are decimal strings of varying length: compare them as integers."""
+        return int(self.sequence_number)
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Records handed to the sinks together. Order within one shard is the stream's order."""
+
+    records: tuple[ChangeRecord, ...]
+    size_bytes: int
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+class UnmarshalError(ValueError):
+    """A DynamoDB JSON value that does not follow the attribute-value grammar."""
+
+
+def unmarshal_value(value: Mapping[str, Any]) -> Any:
+    """One typed attribute value -> Python: N as Decimal, B as bytes, SS/NS/BS as frozensets."""
+    if len(value) != 1:
+        raise UnmarshalError(f"an attribute value has exactly one type tag, got {sorted(value)!r}")
+    ((tag, payload),) = value.items()
+    if tag == "S":
+        return payload
+    if tag == "N":
+        return Decimal(payload)
+    if tag == "M":
+        return {k: unmarshal_value(v) for k, v in payload.items()}
+    if tag == "L":
+        return [unmarshal_value(v) for v in payload]
+    if tag == "BOOL":
+        return bool(payload)
+    if tag == "NULL":
+        return None
+    if tag == "B":
+        return _as_bytes(payload)
+    if tag == "SS":
+        return frozenset(payload)
+    if tag == "NS":
+        return frozenset(Decimal(n) for n in payload)
+    if tag == "BS":
+        return frozenset(_as_bytes(b) for b in payload)
+    raise UnmarshalError(f"unknown DynamoDB type tag {tag!r}")
+
+
+def unmarshal_image(image: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: unmarshal_value(value) for name, value in image.items()}
+
+
+def _as_bytes(payload: Any) -> bytes:
+    # boto3 has already base64-decoded blobs; raw wire JSON still carries them as base64 text.
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return bytes(payload)
+    return base64.b64decode(payload)
+
+
+def _as_utc(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    return datetime.fromtimestamp(float(value), UTC)
+
+
+def change_record_from_stream(raw: Mapping[str, Any], *, table: str, shard_id: str) -> ChangeRecord:
+    """Build a ChangeRecord from one element of GetRecords' `Records` list."""
+    ddb = raw["dynamodb"]
+    new_image = ddb.get("NewImage")
+    old_image = ddb.get("OldImage")
+    identity = raw.get("userIdentity")
+    return ChangeRecord(
+        event_id=raw["eventID"],
+        event_name=raw["eventName"],
+        table=table,
+        shard_id=shard_id,
+        sequence_number=ddb["SequenceNumber"],
+        approximate_creation_time=_as_utc(ddb["ApproximateCreationDateTime"]),
+        keys=unmarshal_image(ddb.get("Keys", {})),
+        new_image=None if new_image is None else unmarshal_image(new_image),
+        old_image=None if old_image is None else unmarshal_image(old_image),
+        size_bytes=int(ddb.get("SizeBytes", 0)),
+        user_identity=None
+        if identity is None
+        else UserIdentity(type=identity["Type"], principal_id=identity["PrincipalId"]),
+        raw=raw,
+    )
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        # The exact digits, as a JSON number token: no float ever sees them.
+        return orjson.Fragment(str(value))
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, frozenset | set):
+        return sorted(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
+
+
+def to_json(value: Any) -> str:
+    """Plain JSON for an unmarshalled value: numbers exact, binary as base64, sets as sorted arrays."""
+    return orjson.dumps(value, default=_json_default).decode("utf-8")
+
+
+def to_json_bytes(value: Any) -> bytes:
+    return orjson.dumps(value, default=_json_default)

@@ -1,0 +1,242 @@
+"""Configuration: one TOML file, overridable by `STREAMSINK_<SECTION>__<KEY>` environment variables.
+
+Every model forbids unknown keys, so a typo is an error that names the key instead of a silently ignored line.
+`load_settings` turns any problem into `ConfigError`, whose lines each name the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from sinks.registry import SINK_TYPES, SinkConfig
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class SourceSettings(BaseModel):
+    """`[source]`: which stream to read, and where."""
+
+    model_config = _FROZEN
+
+    table_name: str | None = Field(default=None, description="Table whose latest stream is read.")
+    stream_arn: str | None = Field(default=None, description="A stream ARN; use instead of table_name.")
+    starting_position: Literal["TRIM_HORIZON", "LATEST"] = Field(
+        default="TRIM_HORIZON",
+        description="Where to start shards present at first start with no checkpoint. Shards that appear "
+        "later are always read from TRIM_HORIZON.",
+    )
+    region: str = "us-east-1"
+    endpoint_url: str | None = Field(default=None, description="Any AWS-compatible endpoint (moto, LocalStack).")
+
+    @model_validator(mode="after")
+    def _one_stream(self) -> SourceSettings:
+        if (self.table_name is None) == (self.stream_arn is None):
+            raise ValueError("set exactly one of source.table_name or source.stream_arn")
+        if self.stream_arn is not None and ":table/" not in self.stream_arn:
+            raise ValueError(
+                "source.stream_arn must look like arn:aws:dynamodb:REGION:ACCOUNT:table/NAME/stream/LABEL"
+            )
+        return self
+
+
+class CheckpointSettings(BaseModel):
+    """`[checkpoint]`: the DynamoDB table that remembers how far each shard was delivered."""
+
+    model_config = _FROZEN
+
+    table_name: str = Field(default="streamsink-checkpoints", min_length=3, max_length=255)
+    consumer_name: str = Field(
+        default="streamsink",
+        min_length=1,
+        description="Lets several pipelines share one checkpoint table and even one stream.",
+    )
+    create_table: bool = Field(default=True, description="Create the table (PAY_PER_REQUEST) when missing.")
+
+
+class BatchSettings(BaseModel):
+    """`[batch]`: when a batch closes, and how much the queue in front of it holds."""
+
+    model_config = _FROZEN
+
+    max_records: int = Field(default=1000, ge=1, le=100_000)
+    max_bytes: int = Field(default=4_000_000, ge=1024, le=256 * 1024 * 1024)
+    max_wait_seconds: float = Field(default=1.0, gt=0.0, le=300.0)
+    queue_capacity: int = Field(default=10_000, ge=1, description="Records the queue holds before readers wait.")
+    queue_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="Bytes, likewise.")
+
+
+class ReaderSettings(BaseModel):
+    """`[reader]`: how shards are polled."""
+
+    model_config = _FROZEN
+
+    poll_workers: int = Field(
+        default=8, ge=1, le=256, description="Threads doing GetRecords; shards share them, one poll at a time."
+    )
+    idle_poll_min_seconds: float = Field(default=0.25, ge=0.0, le=60.0)
+    idle_poll_max_seconds: float = Field(
+        default=10.0, ge=0.0, le=300.0, description="Back-off ceiling for a shard with nothing new: 6 calls/min."
+    )
+    discovery_interval_seconds: float = Field(default=30.0, gt=0.0, le=3600.0)
+    get_records_limit: int = Field(default=1000, ge=1, le=1000)
+
+
+class RetrySettings(BaseModel):
+    """`[retry]`: the one policy for every AWS call and every sink write."""
+
+    model_config = _FROZEN
+
+    max_attempts: int = Field(default=10, ge=1, le=1000)
+    initial_delay_seconds: float = Field(default=0.1, ge=0.0, le=60.0)
+    max_delay_seconds: float = Field(default=20.0, ge=0.0, le=600.0)
+    max_record_age_seconds: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="While a sink is down, whole batches are retried until their oldest record is this old, "
+        "then dead-lettered; unset retries an outage for as long as it lasts (the stream keeps 24 hours).",
+    )
+
+
+class DeadLetterSettings(BaseModel):
+    """`[dead_letter]`: where records go that a sink refuses for good, and whether to go on without them."""
+
+    model_config = _FROZEN
+
+    on_failure: Literal["dead_letter", "block"] = Field(
+        default="dead_letter",
+        description="'dead_letter': record the refused records with the reason and go on. 'block': stop the "
+        "pipeline instead, so nothing is ever skipped (ordering over progress).",
+    )
+    path: str = Field(default="streamsink-dead-letters.jsonl", min_length=1, description="A local JSONL file.")
+
+
+class RuntimeSettings(BaseModel):
+    """`[runtime]`: process-level behaviour."""
+
+    model_config = _FROZEN
+
+    shutdown_timeout_seconds: float = Field(default=30.0, gt=0.0, le=3600.0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(BaseSettings):
+    """The root of a streamsink configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMSINK_", env_nested_delimiter="__", frozen=True, extra="forbid", case_sensitive=False
+    )
+
+    source: SourceSettings
+    checkpoint: CheckpointSettings = CheckpointSettings()
+    batch: BatchSettings = BatchSettings()
+    reader: ReaderSettings = ReaderSettings()
+    retry: RetrySettings = RetrySettings()
+    dead_letter: DeadLetterSettings = DeadLetterSettings()
+    runtime: RuntimeSettings = RuntimeSettings()
+    sinks: list[SinkConfig] = Field(min_length=1)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file arrives as init values; environment variables override it.
+        return (env_settings, init_settings)
+
+
+class ConfigError(Exception):
+    """A configuration problem; `lines` are ready to print, one per problem."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read `path` (TOML) if given, apply environment overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError([f"config file {str(file)!r} not found"]) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"{file}: not valid TOML: {exc}"]) from None
+    data.update(overrides)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(describe_errors(exc)) from None
+
+
+def describe_errors(exc: ValidationError) -> list[str]:
+    """One line per problem: the dotted key, what is wrong, and what is allowed."""
+    lines = []
+    for error in exc.errors():
+        key, model = _walk(error["loc"])
+        kind = error["type"]
+        if kind == "extra_forbidden":
+            allowed = ", ".join(model.model_fields) if model else "?"
+            lines.append(f"{key}: unknown key; allowed here: {allowed}")
+        elif kind == "missing":
+            lines.append(f"{key}: required key is missing")
+        elif kind in ("union_tag_invalid", "union_tag_not_found"):
+            lines.append(f"{key}.type: must be one of {', '.join(SINK_TYPES)}")
+        elif kind == "too_short" and key == "sinks":
+            lines.append(f"sinks: at least one [[sinks]] entry is required (types: {', '.join(SINK_TYPES)})")
+        elif kind == "value_error":
+            lines.append(str(error["msg"]).removeprefix("Value error, "))
+        else:
+            got = error.get("input")
+            shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+            lines.append(f"{key}: {error['msg']}{shown}")
+    return lines
+
+
+def _walk(loc: tuple[int | str, ...]) -> tuple[str, type[BaseModel] | None]:
+    """Render a pydantic error location as a config key, and find the model the last part belongs to."""
+    key = ""
+    model: type[BaseModel] | None = Settings
+    annotation: Any = None
+    for part in loc:
+        if isinstance(part, int):
+            key += f"[{part}]"
+            annotation = _element_type(annotation)
+            continue
+        if model is None and isinstance(part, str) and part in SINK_TYPES:
+            model = _sink_model(part)  # the discriminator's tag: not part of the key the user wrote
+            continue
+        key += f".{part}" if key else part
+        parent = model
+        field = parent.model_fields.get(part) if parent else None
+        annotation = field.annotation if field else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if model is None and field is None:
+            return key, parent
+    return key, model
+
+
+def _element_type(annotation: Any) -> Any:
+    args = typing.get_args(annotation)
+    return args[0] if args else None
+
+
+def _sink_model(sink_type: str) -> type[BaseModel] | None:
+    union = typing.get_args(SinkConfig)[0]
+    members = typing.get_args(union) if isinstance(union, types.UnionType) else (union,)
+    for member in members:
+        if sink_type in typing.get_args(member.model_fields["type"].annotation):
+            return typing.cast(type[BaseModel], member)
+    return None

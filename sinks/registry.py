@@ -1,0 +1,37 @@
+"""Sink type name -> config model and constructor. Adding a sink means one line in each table here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from pydantic import Field
+
+from sinks.base import Sink, SinkSettings
+from sinks.memory import MemorySink, MemorySinkSettings
+from sinks.s3_parquet import S3ParquetSink, S3ParquetSinkSettings
+
+SinkConfig = Annotated[S3ParquetSinkSettings | MemorySinkSettings, Field(discriminator="type")]
+"""The `[[sinks]]` entries of a config file: one model per sink type, chosen by `type`."""
+
+SINK_TYPES: tuple[str, ...] = ("s3_parquet", "memory")
+
+
+def _s3_parquet(settings: Any, region: str, endpoint_url: str | None) -> Sink:
+    return S3ParquetSink(settings, region=region, endpoint_url=endpoint_url)
+
+
+def _memory(settings: Any, region: str, endpoint_url: str | None) -> Sink:
+    return MemorySink(settings.name or settings.type)
+
+
+_BUILDERS: dict[str, Callable[[Any, str, str | None], Sink]] = {
+    "s3_parquet": _s3_parquet,
+    "memory": _memory,
+}
+
+
+def build_sink(settings: SinkSettings, *, region: str, endpoint_url: str | None) -> Sink:
+    """Construct (not open) the sink for one `[[sinks]]` entry; AWS location defaults come from the source."""
+    sink_type: str = getattr(settings, "type")  # noqa: B009 - every concrete settings class has it
+    return _BUILDERS[sink_type](settings, settings.region or region, settings.endpoint_url or endpoint_url)

@@ -1,0 +1,210 @@
+"""Audit archive: every change as a row in zstd Parquet on S3, Hive-partitioned by event hour.
+
+Rows are buffered like Firehose (by bytes and by age) so a quiet table does not become thousands of tiny
+objects; the pipeline checkpoints only after `flush()` has written them. Object names derive from the shard and
+the first and last sequence numbers they hold, so replaying the same range after a crash overwrites the same
+object instead of adding a duplicate.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field, field_validator
+
+from pipeline.records import Batch, ChangeRecord, to_json
+from sinks.base import PermanentSinkError, RetryableSinkError, Sink, SinkSettings, WriteResult
+
+ARCHIVE_SCHEMA = pa.schema(
+    [
+        pa.field("event_id", pa.string(), nullable=False),
+        pa.field("event_name", pa.string(), nullable=False),
+        pa.field("table", pa.string(), nullable=False),
+        pa.field("shard_id", pa.string(), nullable=False),
+        pa.field("sequence_number", pa.string(), nullable=False),
+        pa.field("approximate_creation_time", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("keys", pa.string(), nullable=False),
+        pa.field("new_image", pa.string()),
+        pa.field("old_image", pa.string()),
+        pa.field("size_bytes", pa.int64(), nullable=False),
+        pa.field(
+            "user_identity",
+            pa.struct([pa.field("type", pa.string()), pa.field("principal_id", pa.string())]),
+        ),
+    ]
+)
+
+ImageEncoding = Literal["json", "dynamodb_json"]
+
+
+class S3ParquetSinkSettings(SinkSettings):
+    """`[[sinks]] type = "s3_parquet"`: the audit archive."""
+
+    type: Literal["s3_parquet"]
+    bucket: str = Field(min_length=3, max_length=63, description="Existing bucket to write to.")
+    prefix: str = Field(default="", description="Key prefix; a trailing '/' is added when missing.")
+    compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    image_encoding: ImageEncoding = Field(
+        default="json",
+        description="'json': plain JSON, numbers exact; 'dynamodb_json': typed, as the stream delivers it.",
+    )
+    buffer_max_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024)
+    buffer_max_seconds: float = Field(default=60.0, ge=0.0, le=900.0)
+
+    @field_validator("prefix")
+    @classmethod
+    def _slash_terminated(cls, prefix: str) -> str:
+        prefix = prefix.lstrip("/")
+        return prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+
+def _image(record: ChangeRecord, which: Literal["NewImage", "OldImage"], encoding: ImageEncoding) -> str | None:
+    if encoding == "dynamodb_json":
+        raw = record.raw["dynamodb"].get(which)
+        return None if raw is None else to_json(raw)
+    image = record.new_image if which == "NewImage" else record.old_image
+    return None if image is None else to_json(image)
+
+
+def archive_table(records: Sequence[ChangeRecord], encoding: ImageEncoding = "json") -> pa.Table:
+    """The archive rows for `records`, in order."""
+    keys = (
+        [to_json(r.raw["dynamodb"].get("Keys", {})) for r in records]
+        if encoding == "dynamodb_json"
+        else [to_json(r.keys) for r in records]
+    )
+    columns: dict[str, list[Any]] = {
+        "event_id": [r.event_id for r in records],
+        "event_name": [r.event_name for r in records],
+        "table": [r.table for r in records],
+        "shard_id": [r.shard_id for r in records],
+        "sequence_number": [r.sequence_number for r in records],
+        "approximate_creation_time": [r.approximate_creation_time for r in records],
+        "keys": keys,
+        "new_image": [_image(r, "NewImage", encoding) for r in records],
+        "old_image": [_image(r, "OldImage", encoding) for r in records],
+        "size_bytes": [r.size_bytes for r in records],
+        "user_identity": [
+            None if r.user_identity is None else {"type": r.user_identity.type, "principal_id": r.user_identity.principal_id}
+            for r in records
+        ],
+    }
+    return pa.table(columns, schema=ARCHIVE_SCHEMA)
+
+
+def partition_of(record: ChangeRecord) -> str:
+    t = record.approximate_creation_time
+    return f"dt={t:%Y-%m-%d}/hour={t:%H}"
+
+
+def object_key(prefix: str, partition: str, shard_id: str, first_sequence: str, last_sequence: str) -> str:
+    return f"{prefix}{partition}/{shard_id}-{first_sequence}-{last_sequence}.parquet"
+
+
+@dataclass
+class _PartBuffer:
+    """Rows of one (partition, shard) waiting to be written, oldest first."""
+
+    tables: list[pa.Table] = field(default_factory=list)
+    first_sequence: str = ""
+    last_sequence: str = ""
+
+
+class S3ParquetSink(Sink):
+    def __init__(
+        self,
+        settings: S3ParquetSinkSettings,
+        *,
+        region: str,
+        endpoint_url: str | None,
+        filesystem: Any = None,
+    ) -> None:
+        super().__init__(settings.name or settings.type)
+        self._settings = settings
+        self._region = region
+        self._endpoint_url = endpoint_url
+        self._fs = filesystem
+        self._parts: dict[tuple[str, str], _PartBuffer] = {}
+        self._buffered_bytes = 0
+        self._oldest: float | None = None
+        self.objects_written: list[str] = []
+
+    def open(self) -> None:
+        if self._fs is None:
+            import s3fs
+
+            client_kwargs: dict[str, Any] = {"region_name": self._region}
+            self._fs = s3fs.S3FileSystem(
+                endpoint_url=self._endpoint_url, client_kwargs=client_kwargs, skip_instance_cache=True
+            )
+        with _mapped_errors(f"bucket {self._settings.bucket!r}"):
+            if not self._fs.exists(self._settings.bucket):
+                raise PermanentSinkError(
+                    f"bucket {self._settings.bucket!r} does not exist or is not visible to these credentials"
+                )
+
+    def write(self, batch: Batch) -> WriteResult:
+        if not batch.records:
+            return WriteResult()
+        table = archive_table(batch.records, self._settings.image_encoding)
+        groups: dict[tuple[str, str], list[int]] = {}
+        for index, record in enumerate(batch.records):
+            groups.setdefault((partition_of(record), record.shard_id), []).append(index)
+        for key, indices in groups.items():
+            part = self._parts.setdefault(key, _PartBuffer())
+            rows = table.take(pa.array(indices, pa.int64())) if len(indices) != len(batch.records) else table
+            part.tables.append(rows)
+            part.first_sequence = part.first_sequence or batch.records[indices[0]].sequence_number
+            part.last_sequence = batch.records[indices[-1]].sequence_number
+            self._buffered_bytes += rows.nbytes
+        if self._oldest is None:
+            self._oldest = time.monotonic()
+        return WriteResult()
+
+    def flush_due(self, now: float) -> bool:
+        if self._oldest is None:
+            return True
+        return (
+            self._buffered_bytes >= self._settings.buffer_max_bytes
+            or now - self._oldest >= self._settings.buffer_max_seconds
+        )
+
+    def flush(self) -> None:
+        compression = None if self._settings.compression == "none" else self._settings.compression
+        # Write part by part and forget each once written: a retry after a failure writes only what is left.
+        for key in list(self._parts):
+            partition, shard_id = key
+            part = self._parts[key]
+            path = f"{self._settings.bucket}/" + object_key(
+                self._settings.prefix, partition, shard_id, part.first_sequence, part.last_sequence
+            )
+            table = pa.concat_tables(part.tables)
+            with _mapped_errors(f"s3://{path}"):
+                pq.write_table(table, path, filesystem=self._fs, compression=compression)
+            self.objects_written.append(path)
+            self._buffered_bytes -= sum(t.nbytes for t in part.tables)
+            del self._parts[key]
+        self._oldest = None
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._buffered_bytes
+
+
+@contextmanager
+def _mapped_errors(what: str) -> Iterator[None]:
+    """The one place where s3fs/botocore errors become the sink's two error kinds."""
+    try:
+        yield
+    except (PermanentSinkError, RetryableSinkError):
+        raise
+    except (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError) as exc:
+        raise PermanentSinkError(f"{what}: {exc}") from exc
+    except Exception as exc:  # connection resets, timeouts, 5xx, throttling from s3fs or botocore
+        raise RetryableSinkError(f"{what}: {type(exc).__name__}: {exc}") from exc
