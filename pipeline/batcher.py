@@ -37,8 +37,10 @@ class BoundedQueue:
         """Wait for room, then append. A page larger than the whole capacity still fits into an empty queue."""
         n = len(page.records)
         with self._cond:
-            while not self._closed and self._pages and (
-                self._records + n > self._max_records or self._bytes + page.size_bytes > self._max_bytes
+            while (
+                not self._closed
+                and self._pages
+                and (self._records + n > self._max_records or self._bytes + page.size_bytes > self._max_bytes)
             ):
                 self._cond.wait()
             if self._closed:

@@ -98,8 +98,14 @@ def run_demo(changes: int = 200, out: TextIO | None = None, timeout: float = 45.
         by_event = collections.Counter(archive.column("event_name").to_pylist())
         distinct = len(set(archive.column("event_id").to_pylist()))
         objects = sum(len(getattr(s, "objects_written", [])) for s in pipeline.sinks)
-        print(f"delivered {sum(by_event.values())} changes ({distinct} distinct event ids): {dict(by_event)}", file=out)
-        print(f"archive: {objects} Parquet object(s) under s3://{BUCKET}/orders/, {archive.num_rows} rows", file=out)
+        print(
+            f"delivered {sum(by_event.values())} changes ({distinct} distinct event ids): {dict(by_event)}",
+            file=out,
+        )
+        print(
+            f"archive: {objects} Parquet object(s) under s3://{BUCKET}/orders/, {archive.num_rows} rows",
+            file=out,
+        )
         print("sample rows:", file=out)
         for row in archive.sort_by("sequence_number").slice(0, 3).to_pylist():
             print(
@@ -108,8 +114,11 @@ def run_demo(changes: int = 200, out: TextIO | None = None, timeout: float = 45.
                 file=out,
             )
         ok = clean and by_event == written and distinct == total
-        print(f"{'OK' if ok else 'MISMATCH'}: {total} changes written, {distinct} archived exactly once "
-              f"in {time.monotonic() - started:.1f}s", file=out)
+        print(
+            f"{'OK' if ok else 'MISMATCH'}: {total} changes written, {distinct} archived exactly once "
+            f"in {time.monotonic() - started:.1f}s",
+            file=out,
+        )
         return 0 if ok else 1
 
 
@@ -117,4 +126,3 @@ def _s3fs(endpoint_url: str) -> Any:
     import s3fs
 
     return s3fs.S3FileSystem(endpoint_url=endpoint_url, skip_instance_cache=True)
-

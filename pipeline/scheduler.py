@@ -66,7 +66,7 @@ class PollScheduler:
     def idle_delay(self, reader: ShardReader) -> float:
         if reader.empty_polls == 0:
             return 0.0
-        return min(self._idle_max, self._idle_min * 2 ** (reader.empty_polls - 1))
+        return float(min(self._idle_max, self._idle_min * 2 ** (reader.empty_polls - 1)))
 
     def start(self) -> None:
         for n in range(self._workers):

@@ -33,7 +33,9 @@ class SourceSettings(BaseModel):
         "later are always read from TRIM_HORIZON.",
     )
     region: str = "us-east-1"
-    endpoint_url: str | None = Field(default=None, description="Any AWS-compatible endpoint (moto, LocalStack).")
+    endpoint_url: str | None = Field(
+        default=None, description="Any AWS-compatible endpoint (moto, LocalStack)."
+    )
 
     @model_validator(mode="after")
     def _one_stream(self) -> SourceSettings:
@@ -68,7 +70,9 @@ class BatchSettings(BaseModel):
     max_records: int = Field(default=1000, ge=1, le=100_000)
     max_bytes: int = Field(default=4_000_000, ge=1024, le=256 * 1024 * 1024)
     max_wait_seconds: float = Field(default=1.0, gt=0.0, le=300.0)
-    queue_capacity: int = Field(default=10_000, ge=1, description="Records the queue holds before readers wait.")
+    queue_capacity: int = Field(
+        default=10_000, ge=1, description="Records the queue holds before readers wait."
+    )
     queue_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="Bytes, likewise.")
 
 
@@ -78,11 +82,17 @@ class ReaderSettings(BaseModel):
     model_config = _FROZEN
 
     poll_workers: int = Field(
-        default=8, ge=1, le=256, description="Threads doing GetRecords; shards share them, one poll at a time."
+        default=8,
+        ge=1,
+        le=256,
+        description="Threads doing GetRecords; shards share them, one poll at a time.",
     )
     idle_poll_min_seconds: float = Field(default=0.25, ge=0.0, le=60.0)
     idle_poll_max_seconds: float = Field(
-        default=10.0, ge=0.0, le=300.0, description="Back-off ceiling for a shard with nothing new: 6 calls/min."
+        default=10.0,
+        ge=0.0,
+        le=300.0,
+        description="Back-off ceiling for a shard with nothing new: 6 calls/min.",
     )
     discovery_interval_seconds: float = Field(default=30.0, gt=0.0, le=3600.0)
     get_records_limit: int = Field(default=1000, ge=1, le=1000)
@@ -114,7 +124,9 @@ class DeadLetterSettings(BaseModel):
         description="'dead_letter': record the refused records with the reason and go on. 'block': stop the "
         "pipeline instead, so nothing is ever skipped (ordering over progress).",
     )
-    path: str = Field(default="streamsink-dead-letters.jsonl", min_length=1, description="A local JSONL file.")
+    path: str = Field(
+        default="streamsink-dead-letters.jsonl", min_length=1, description="A local JSONL file."
+    )
 
 
 class RuntimeSettings(BaseModel):

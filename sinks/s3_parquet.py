@@ -64,7 +64,9 @@ class S3ParquetSinkSettings(SinkSettings):
         return prefix if not prefix or prefix.endswith("/") else prefix + "/"
 
 
-def _image(record: ChangeRecord, which: Literal["NewImage", "OldImage"], encoding: ImageEncoding) -> str | None:
+def _image(
+    record: ChangeRecord, which: Literal["NewImage", "OldImage"], encoding: ImageEncoding
+) -> str | None:
     if encoding == "dynamodb_json":
         raw = record.raw["dynamodb"].get(which)
         return None if raw is None else to_json(raw)
@@ -91,7 +93,9 @@ def archive_table(records: Sequence[ChangeRecord], encoding: ImageEncoding = "js
         "old_image": [_image(r, "OldImage", encoding) for r in records],
         "size_bytes": [r.size_bytes for r in records],
         "user_identity": [
-            None if r.user_identity is None else {"type": r.user_identity.type, "principal_id": r.user_identity.principal_id}
+            None
+            if r.user_identity is None
+            else {"type": r.user_identity.type, "principal_id": r.user_identity.principal_id}
             for r in records
         ],
     }

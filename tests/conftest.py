@@ -1,0 +1,122 @@
+"""Shared fixtures: one real moto server per test session, reached over HTTP like AWS."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pytest
+import s3fs
+
+from pipeline.emulator import EmbeddedAws, create_stream_table
+from pipeline.settings import Settings, load_settings
+
+
+@pytest.fixture(scope="session")
+def aws() -> Iterator[EmbeddedAws]:
+    with EmbeddedAws() as server:
+        yield server
+
+
+@pytest.fixture
+def dynamodb(aws: EmbeddedAws) -> Any:
+    return aws.client("dynamodb")
+
+
+@pytest.fixture
+def s3(aws: EmbeddedAws) -> Any:
+    return aws.client("s3")
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def table(dynamodb: Any) -> str:
+    """A fresh table with a NEW_AND_OLD_IMAGES stream."""
+    name = unique("orders")
+    create_stream_table(dynamodb, name)
+    return name
+
+
+@pytest.fixture
+def bucket(s3: Any) -> str:
+    name = unique("archive")
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def make_settings(aws: EmbeddedAws, table: str, bucket: str, tmp_path: Path) -> Callable[..., Settings]:
+    """Settings for the test's table and bucket, tuned to react in tenths of a second."""
+    checkpoint_table = unique("checkpoints")
+
+    def build(**sections: Any) -> Settings:
+        values: dict[str, Any] = {
+            "source": {"table_name": table, "region": aws.region, "endpoint_url": aws.endpoint_url},
+            "checkpoint": {"table_name": checkpoint_table},
+            "batch": {"max_wait_seconds": 0.2},
+            "reader": {
+                "idle_poll_min_seconds": 0.05,
+                "idle_poll_max_seconds": 0.2,
+                "discovery_interval_seconds": 1,
+            },
+            "retry": {"max_attempts": 3, "initial_delay_seconds": 0.01, "max_delay_seconds": 0.1},
+            "dead_letter": {"path": str(tmp_path / "dead-letters.jsonl")},
+            "sinks": [
+                {"type": "s3_parquet", "bucket": bucket, "prefix": "orders/", "buffer_max_seconds": 0.5}
+            ],
+        }
+        for section, value in sections.items():
+            values[section] = {**values[section], **value} if isinstance(value, dict) else value
+        return load_settings(**values)
+
+    return build
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def read_archive(aws: EmbeddedAws, bucket: str, prefix: str = "orders/") -> pa.Table:
+    """The archive as a reader would see it: pyarrow.dataset over s3fs, Hive partitions included."""
+    fs = s3fs.S3FileSystem(endpoint_url=aws.endpoint_url, skip_instance_cache=True)
+    if not fs.exists(f"{bucket}/{prefix}"):
+        return pa.table({"event_id": pa.array([], pa.string())})
+    return ds.dataset(f"{bucket}/{prefix}", format="parquet", partitioning="hive", filesystem=fs).to_table()
+
+
+def stream_records(aws: EmbeddedAws, table: str) -> list[dict[str, Any]]:
+    """Every record currently in the table's stream, read directly: the ground truth for a test."""
+    dynamodb = aws.client("dynamodb")
+    streams = aws.client("dynamodbstreams")
+    arn = dynamodb.describe_table(TableName=table)["Table"]["LatestStreamArn"]
+    found: list[dict[str, Any]] = []
+    for shard in streams.describe_stream(StreamArn=arn)["StreamDescription"]["Shards"]:
+        iterator = streams.get_shard_iterator(
+            StreamArn=arn, ShardId=shard["ShardId"], ShardIteratorType="TRIM_HORIZON"
+        )["ShardIterator"]
+        while iterator:
+            page = streams.get_records(ShardIterator=iterator)
+            found.extend(page["Records"])
+            if not page["Records"]:
+                break
+            iterator = page.get("NextShardIterator")
+    return found
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_server_logs() -> None:
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
