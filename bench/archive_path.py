@@ -212,9 +212,7 @@ def _response_parser() -> Callable[[bytes], dict[str, Any]]:
             "content-type": "application/x-amz-json-1.0",
             "content-length": str(len(body)),
         }
-        parsed: dict[str, Any] = parser.parse(
-            {"body": body, "headers": headers, "status_code": 200}, output_shape
-        )
+        parsed: dict[str, Any] = parser.parse({"body": body, "headers": headers, "status_code": 200}, output_shape)
         return parsed
 
     return parse
@@ -276,9 +274,7 @@ def _streamsink() -> PageFn:
     parse = _response_parser()
 
     def page(body: bytes) -> int:
-        records = [
-            change_record_from_stream(raw, table=TABLE, shard_id=SHARD_ID) for raw in parse(body)["Records"]
-        ]
+        records = [change_record_from_stream(raw, table=TABLE, shard_id=SHARD_ID) for raw in parse(body)["Records"]]
         table = archive_table(records)
         _parquet_bytes(table)
         return int(table.num_rows)
@@ -422,9 +418,7 @@ def report(results: list[PathResult], wire_bytes: int, pages: int, page_size: in
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     table = [
-        "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        )
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
         for row in rows
     ]
     table.insert(1, "  ".join("-" * w for w in widths))

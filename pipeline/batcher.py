@@ -99,9 +99,7 @@ class _OpenBatch:
 class BatchAssembler:
     """Turns queued pages into closed batches. Used from the delivery thread only."""
 
-    def __init__(
-        self, settings: BatchSettings, table: str, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, settings: BatchSettings, table: str, clock: Callable[[], float] = time.monotonic) -> None:
         self._settings = settings
         self._table = table
         self._clock = clock
@@ -117,10 +115,7 @@ class BatchAssembler:
             current.records.append(record)
             current.size_bytes += record.size_bytes
             current.positions[page.shard_id] = record.sequence_number
-            if (
-                len(current.records) >= self._settings.max_records
-                or current.size_bytes >= self._settings.max_bytes
-            ):
+            if len(current.records) >= self._settings.max_records or current.size_bytes >= self._settings.max_bytes:
                 closed.append(self._close())
         if page.end_of_shard:
             # The shard's last records are in this batch or an earlier one, so it is finished once this commits.

@@ -17,9 +17,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamsink", description="DynamoDB Streams replication pipeline.")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the pipeline until SIGINT/SIGTERM")
-    run.add_argument(
-        "--config", required=True, help="TOML file; STREAMSINK_<SECTION>__<KEY> env vars override"
-    )
+    run.add_argument("--config", required=True, help="TOML file; STREAMSINK_<SECTION>__<KEY> env vars override")
     check = commands.add_parser("validate", help="check a config file and print it resolved")
     check.add_argument("--config", required=True)
     demo = commands.add_parser("demo", help="run end to end against an embedded AWS stand-in (moto)")

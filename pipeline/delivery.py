@@ -139,9 +139,7 @@ class Delivery:
             )
         self._dead_letters.put(sink.name, refused)
         self.stats.dead_lettered[sink.name] = self.stats.dead_lettered.get(sink.name, 0) + len(refused)
-        log.error(
-            "sink %s refused %d record(s); written to %s", sink.name, len(refused), self._dead_letters.path
-        )
+        log.error("sink %s refused %d record(s); written to %s", sink.name, len(refused), self._dead_letters.path)
 
 
 def _subset(records: Sequence[ChangeRecord]) -> Batch:

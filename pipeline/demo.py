@@ -54,9 +54,7 @@ def write_changes(dynamodb: Any, table: str, count: int) -> collections.Counter[
         )
         written["MODIFY"] += 1
     for n in range(0, count, 5):
-        dynamodb.delete_item(
-            TableName=table, Key={"pk": {"S": f"customer#{n % 17}"}, "sk": {"S": f"order#{n:05d}"}}
-        )
+        dynamodb.delete_item(TableName=table, Key={"pk": {"S": f"customer#{n % 17}"}, "sk": {"S": f"order#{n:05d}"}})
         written["REMOVE"] += 1
     return written
 

@@ -26,9 +26,7 @@ class EmbeddedAws:
         try:
             from moto.server import ThreadedMotoServer
         except ImportError as exc:  # pragma: no cover - depends on how streamsink was installed
-            raise RuntimeError(
-                "the embedded AWS stand-in needs moto: pip install 'streamsink[demo]'"
-            ) from exc
+            raise RuntimeError("the embedded AWS stand-in needs moto: pip install 'streamsink[demo]'") from exc
         for name, value in DUMMY_CREDENTIALS.items():
             os.environ.setdefault(name, value)
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

@@ -55,11 +55,7 @@ def is_retryable(exc: BaseException) -> bool:
         return code in RETRYABLE_ERROR_CODES or status >= 500 or status == 429
     return isinstance(
         exc,
-        EndpointConnectionError
-        | ConnectionClosedError
-        | ReadTimeoutError
-        | ConnectTimeoutError
-        | HTTPClientError,
+        EndpointConnectionError | ConnectionClosedError | ReadTimeoutError | ConnectTimeoutError | HTTPClientError,
     )
 
 

@@ -58,9 +58,7 @@ class Pipeline:
         self.sinks: list[Sink] = (
             list(sinks)
             if sinks is not None
-            else [
-                build_sink(s, region=source.region, endpoint_url=source.endpoint_url) for s in settings.sinks
-            ]
+            else [build_sink(s, region=source.region, endpoint_url=source.endpoint_url) for s in settings.sinks]
         )
         self._hard_stop = threading.Event()
         self.retry = RetryPolicy(settings.retry, sleep=self._interruptible_sleep)
@@ -103,9 +101,7 @@ class Pipeline:
             self.stream_arn = source.stream_arn
         else:
             assert source.table_name is not None
-            self.stream_arn = resolve_stream_arn(
-                self.clients.client("dynamodb"), source.table_name, self.retry
-            )
+            self.stream_arn = resolve_stream_arn(self.clients.client("dynamodb"), source.table_name, self.retry)
         self._assembler = BatchAssembler(self.settings.batch, table_name_of(self.stream_arn))
         self._store = CheckpointStore(
             self.clients.client("dynamodb"),
@@ -230,9 +226,7 @@ class Pipeline:
                     self.stats.events.update(r.event_name for r in item.batch.records)
                     positions.update(item.positions)
                     finished |= item.finished_shards
-                if (positions or finished) and (
-                    drained or finished or self.delivery.flush_due(time.monotonic())
-                ):
+                if (positions or finished) and (drained or finished or self.delivery.flush_due(time.monotonic())):
                     self._commit(positions, finished)
                     positions, finished = {}, set()
                 if drained and self.queue.depth[0] == 0:

@@ -33,18 +33,14 @@ class SourceSettings(BaseModel):
         "later are always read from TRIM_HORIZON.",
     )
     region: str = "us-east-1"
-    endpoint_url: str | None = Field(
-        default=None, description="Any AWS-compatible endpoint (moto, LocalStack)."
-    )
+    endpoint_url: str | None = Field(default=None, description="Any AWS-compatible endpoint (moto, LocalStack).")
 
     @model_validator(mode="after")
     def _one_stream(self) -> SourceSettings:
         if (self.table_name is None) == (self.stream_arn is None):
             raise ValueError("set exactly one of source.table_name or source.stream_arn")
         if self.stream_arn is not None and ":table/" not in self.stream_arn:
-            raise ValueError(
-                "source.stream_arn must look like arn:aws:dynamodb:REGION:ACCOUNT:table/NAME/stream/LABEL"
-            )
+            raise ValueError("source.stream_arn must look like arn:aws:dynamodb:REGION:ACCOUNT:table/NAME/stream/LABEL")
         return self
 
 
@@ -70,9 +66,7 @@ class BatchSettings(BaseModel):
     max_records: int = Field(default=1000, ge=1, le=100_000)
     max_bytes: int = Field(default=4_000_000, ge=1024, le=256 * 1024 * 1024)
     max_wait_seconds: float = Field(default=1.0, gt=0.0, le=300.0)
-    queue_capacity: int = Field(
-        default=10_000, ge=1, description="Records the queue holds before readers wait."
-    )
+    queue_capacity: int = Field(default=10_000, ge=1, description="Records the queue holds before readers wait.")
     queue_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="Bytes, likewise.")
 
 
@@ -124,9 +118,7 @@ class DeadLetterSettings(BaseModel):
         description="'dead_letter': record the refused records with the reason and go on. 'block': stop the "
         "pipeline instead, so nothing is ever skipped (ordering over progress).",
     )
-    path: str = Field(
-        default="streamsink-dead-letters.jsonl", min_length=1, description="A local JSONL file."
-    )
+    path: str = Field(default="streamsink-dead-letters.jsonl", min_length=1, description="A local JSONL file.")
 
 
 class RuntimeSettings(BaseModel):

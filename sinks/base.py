@@ -65,9 +65,7 @@ class SinkSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str | None = Field(
-        default=None, description="Label in logs and dead letters; defaults to the type."
-    )
+    name: str | None = Field(default=None, description="Label in logs and dead letters; defaults to the type.")
     region: str | None = Field(default=None, description="Defaults to source.region.")
     endpoint_url: str | None = Field(default=None, description="Defaults to source.endpoint_url.")
 

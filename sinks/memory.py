@@ -71,9 +71,7 @@ class FlakySink(MemorySink):
         return WriteResult(failed=failed)
 
 
-def refuse_event_ids(
-    event_ids: Iterable[str], reason: str = "refused"
-) -> Callable[[ChangeRecord], SinkError | None]:
+def refuse_event_ids(event_ids: Iterable[str], reason: str = "refused") -> Callable[[ChangeRecord], SinkError | None]:
     """A `refuse` function for FlakySink that permanently refuses the given records."""
     wanted = frozenset(event_ids)
     return lambda record: PermanentSinkError(reason) if record.event_id in wanted else None

@@ -64,9 +64,7 @@ class S3ParquetSinkSettings(SinkSettings):
         return prefix if not prefix or prefix.endswith("/") else prefix + "/"
 
 
-def _image(
-    record: ChangeRecord, which: Literal["NewImage", "OldImage"], encoding: ImageEncoding
-) -> str | None:
+def _image(record: ChangeRecord, which: Literal["NewImage", "OldImage"], encoding: ImageEncoding) -> str | None:
     if encoding == "dynamodb_json":
         raw = record.raw["dynamodb"].get(which)
         return None if raw is None else to_json(raw)

@@ -69,9 +69,7 @@ def make_settings(aws: EmbeddedAws, table: str, bucket: str, tmp_path: Path) -> 
             },
             "retry": {"max_attempts": 3, "initial_delay_seconds": 0.01, "max_delay_seconds": 0.1},
             "dead_letter": {"path": str(tmp_path / "dead-letters.jsonl")},
-            "sinks": [
-                {"type": "s3_parquet", "bucket": bucket, "prefix": "orders/", "buffer_max_seconds": 0.5}
-            ],
+            "sinks": [{"type": "s3_parquet", "bucket": bucket, "prefix": "orders/", "buffer_max_seconds": 0.5}],
         }
         for section, value in sections.items():
             values[section] = {**values[section], **value} if isinstance(value, dict) else value

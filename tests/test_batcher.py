@@ -161,9 +161,7 @@ def _assembler(
     *, max_records: int = 100, max_bytes: int = 1_000_000, max_wait_seconds: float = 1.0
 ) -> tuple[BatchAssembler, FakeClock]:
     clock = FakeClock()
-    batch_settings = BatchSettings(
-        max_records=max_records, max_bytes=max_bytes, max_wait_seconds=max_wait_seconds
-    )
+    batch_settings = BatchSettings(max_records=max_records, max_bytes=max_bytes, max_wait_seconds=max_wait_seconds)
     return BatchAssembler(batch_settings, table="orders", clock=clock), clock
 
 

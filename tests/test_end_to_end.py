@@ -156,9 +156,7 @@ def test_refused_records_are_dead_lettered_and_the_shard_moves_on(
     poison = {"order#00003", "order#00007"}
 
     def refuse(record: Any) -> PermanentSinkError | None:
-        return (
-            PermanentSinkError("item too large for the destination") if record.keys["sk"] in poison else None
-        )
+        return PermanentSinkError("item too large for the destination") if record.keys["sk"] in poison else None
 
     sink = FlakySink(refuse=refuse)
     settings = make_settings()

@@ -24,9 +24,7 @@ from pipeline.stream import (
 STREAM_ARN = "arn:aws:dynamodb:us-east-1:123456789012:table/orders/stream/2024-01-01T00:00:00.000"
 
 
-def shard(
-    shard_id: str, *, parent: str | None = None, start: str = "100", end: str | None = None
-) -> ShardInfo:
+def shard(shard_id: str, *, parent: str | None = None, start: str = "100", end: str | None = None) -> ShardInfo:
     return ShardInfo(
         shard_id=shard_id, parent_shard_id=parent, starting_sequence_number=start, ending_sequence_number=end
     )
@@ -52,9 +50,7 @@ def test_shard_info_from_a_closed_shard() -> None:
 
 
 def test_shard_info_from_an_open_root_shard() -> None:
-    info = ShardInfo.from_api(
-        {"ShardId": "shardId-1", "SequenceNumberRange": {"StartingSequenceNumber": "7"}}
-    )
+    info = ShardInfo.from_api({"ShardId": "shardId-1", "SequenceNumberRange": {"StartingSequenceNumber": "7"}})
     assert info == shard("shardId-1", start="7")
     assert not info.closed
 
@@ -169,9 +165,7 @@ def retry() -> RetryPolicy:
 
 
 def _client(service: str) -> Any:
-    return boto3.client(
-        service, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
-    )
+    return boto3.client(service, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
 
 
 @pytest.fixture
@@ -190,9 +184,7 @@ def dynamodb() -> Iterator[tuple[Any, Stubber]]:
         stubber.assert_no_pending_responses()
 
 
-def _api_shard(
-    shard_id: str, start: str, *, parent: str | None = None, end: str | None = None
-) -> dict[str, Any]:
+def _api_shard(shard_id: str, start: str, *, parent: str | None = None, end: str | None = None) -> dict[str, Any]:
     numbers = {"StartingSequenceNumber": start}
     if end is not None:
         numbers["EndingSequenceNumber"] = end
@@ -225,9 +217,7 @@ def seq(n: int) -> str:
     return str(10**20 + n)
 
 
-def test_describe_shards_follows_pagination_to_the_end(
-    streams: tuple[Any, Stubber], retry: RetryPolicy
-) -> None:
+def test_describe_shards_follows_pagination_to_the_end(streams: tuple[Any, Stubber], retry: RetryPolicy) -> None:
     client, stubber = streams
     stubber.add_response(
         "describe_stream",
@@ -258,24 +248,18 @@ def test_describe_shards_of_a_single_page(streams: tuple[Any, Stubber], retry: R
 def test_describe_shards_retries_throttling(streams: tuple[Any, Stubber], retry: RetryPolicy) -> None:
     client, stubber = streams
     stubber.add_client_error("describe_stream", "LimitExceededException", http_status_code=400)
-    stubber.add_response(
-        "describe_stream", _description([_api_shard(SHARD_1, seq(1))]), {"StreamArn": STREAM_ARN}
-    )
+    stubber.add_response("describe_stream", _description([_api_shard(SHARD_1, seq(1))]), {"StreamArn": STREAM_ARN})
     assert describe_shards(client, STREAM_ARN, retry) == [shard(SHARD_1, start=seq(1))]
 
 
-def test_describe_shards_does_not_retry_a_missing_stream(
-    streams: tuple[Any, Stubber], retry: RetryPolicy
-) -> None:
+def test_describe_shards_does_not_retry_a_missing_stream(streams: tuple[Any, Stubber], retry: RetryPolicy) -> None:
     client, stubber = streams
     stubber.add_client_error("describe_stream", "ResourceNotFoundException", http_status_code=400)
     with pytest.raises(ClientError, match="ResourceNotFoundException"):
         describe_shards(client, STREAM_ARN, retry)
 
 
-def test_resolve_stream_arn_of_a_table_with_a_stream(
-    dynamodb: tuple[Any, Stubber], retry: RetryPolicy
-) -> None:
+def test_resolve_stream_arn_of_a_table_with_a_stream(dynamodb: tuple[Any, Stubber], retry: RetryPolicy) -> None:
     client, stubber = dynamodb
     stubber.add_response(
         "describe_table",
