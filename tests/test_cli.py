@@ -1,0 +1,108 @@
+"""The `streamsink` command as an operator runs it: a subprocess, a TOML file, signals."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.demo import _item
+from pipeline.emulator import EmbeddedAws
+from tests.conftest import read_archive, stream_records, unique, wait_until
+
+STREAMSINK = [sys.executable, "-m", "pipeline.cli"]
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ('[source]\ntable_name = "t"\n[[sinks]]\ntype = "s3_parquet"\nbuckt = "b"\n', "sinks[0].buckt: unknown key"),
+        ('[source]\ntable_name = "t"\n[[sinks]]\ntype = "kafka"\n', "sinks[0].type: must be one of s3_parquet"),
+        (
+            '[source]\ntable_name = "t"\nstarting_position = "EARLIEST"\n[[sinks]]\ntype = "memory"\n',
+            "source.starting_position: Input should be 'TRIM_HORIZON' or 'LATEST' (got 'EARLIEST')",
+        ),
+        ('[source]\ntable_name = "t"\n[batch]\nmax_records = 0\n[[sinks]]\ntype = "memory"\n', "batch.max_records"),
+        ("[source]\n[[sinks]]\ntype = 'memory'\n", "set exactly one of source.table_name or source.stream_arn"),
+        ('[source]\ntable_name = "t"\n', "sinks: required key is missing"),
+        ("[source\n", "not valid TOML"),
+    ],
+)
+def test_a_bad_config_exits_2_with_one_line_naming_the_key(tmp_path: Path, body: str, expected: str) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(body)
+    done = subprocess.run([*STREAMSINK, "run", "--config", str(config)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert expected in lines[0]
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[source]\ntable_name = "t"\n[batch]\nmax_records = 5\n[[sinks]]\ntype = "memory"\n')
+    env = {"STREAMSINK_BATCH__MAX_RECORDS": "77", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [*STREAMSINK, "validate", "--config", str(config)], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert '"max_records": 77' in done.stdout
+
+
+def test_sigterm_drains_flushes_and_checkpoints_then_exits_0(
+    aws: EmbeddedAws, dynamodb: Any, table: str, bucket: str, tmp_path: Path
+) -> None:
+    checkpoints = unique("checkpoints")
+    config = tmp_path / "run.toml"
+    # The archive buffers for five minutes: only the shutdown flush can make these rows appear.
+    config.write_text(
+        f'[source]\ntable_name = "{table}"\nregion = "{aws.region}"\nendpoint_url = "{aws.endpoint_url}"\n'
+        f'[checkpoint]\ntable_name = "{checkpoints}"\n'
+        f"[reader]\nidle_poll_max_seconds = 0.2\n[batch]\nmax_wait_seconds = 0.2\n"
+        f'[dead_letter]\npath = "{tmp_path / "dl.jsonl"}"\n'
+        f'[[sinks]]\ntype = "s3_parquet"\nbucket = "{bucket}"\nprefix = "orders/"\nbuffer_max_seconds = 300\n'
+    )
+    process = subprocess.Popen(
+        [*STREAMSINK, "run", "--config", str(config)], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        for n in range(25):
+            dynamodb.put_item(TableName=table, Item=_item(n))
+        wait_until(lambda: bool(dynamodb.list_tables()["TableNames"].count(checkpoints)), what="the checkpoint table")
+        wait_until(lambda: process.poll() is None, timeout=1)
+        import time
+
+        time.sleep(2.0)  # let the readers take the changes into the pipeline's buffer
+        assert read_archive(aws, bucket).num_rows == 0
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr
+    assert "SIGTERM received: draining" in stderr
+
+    truth = stream_records(aws, table)
+    archived = read_archive(aws, bucket).column("event_id").to_pylist()
+    assert sorted(archived) == sorted(r["eventID"] for r in truth)
+    item = dynamodb.query(
+        TableName=checkpoints,
+        KeyConditionExpression="#s = :s",
+        ExpressionAttributeNames={"#s": "stream"},
+        ExpressionAttributeValues={
+            ":s": {"S": "streamsink|" + dynamodb.describe_table(TableName=table)["Table"]["LatestStreamArn"]}
+        },
+    )["Items"]
+    last = max(int(r["dynamodb"]["SequenceNumber"]) for r in truth)
+    assert [int(i["sequence_number"]["S"]) for i in item] == [last]
+
+
+def test_demo_runs_end_to_end_and_says_ok() -> None:
+    done = subprocess.run([*STREAMSINK, "demo", "--changes", "30"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "OK: 51 changes written, 51 archived exactly once" in done.stdout
