@@ -20,7 +20,10 @@ STREAMSINK = [sys.executable, "-m", "pipeline.cli"]
 @pytest.mark.parametrize(
     ("body", "expected"),
     [
-        ('[source]\ntable_name = "t"\n[[sinks]]\ntype = "s3_parquet"\nbuckt = "b"\n', "sinks[0].buckt: unknown key"),
+        (
+            '[source]\ntable_name = "t"\n[[sinks]]\ntype = "s3_parquet"\nbucket = "bkt"\nbuckt = "b"\n',
+            "sinks[0].buckt: unknown key",
+        ),
         ('[source]\ntable_name = "t"\n[[sinks]]\ntype = "kafka"\n', "sinks[0].type: must be one of s3_parquet"),
         (
             '[source]\ntable_name = "t"\nstarting_position = "EARLIEST"\n[[sinks]]\ntype = "memory"\n',
