@@ -109,6 +109,8 @@ class BatchAssembler:
         closed: list[ClosedBatch] = []
         for raw in page.records:
             record = change_record_from_stream(raw, table=self._table, shard_id=page.shard_id)
+            if self._open.records and self._open.size_bytes + record.size_bytes > self._settings.max_bytes:
+                closed.append(self._close())  # max_bytes is a ceiling: a sink may have a hard size cap
             current = self._open
             if current.opened_at is None:
                 current.opened_at = self._clock()

@@ -127,7 +127,8 @@ class Delivery:
                             retry_after=getattr(last, "retry_after", None),
                         )
         except RetryableSinkError as exhausted:
-            refused.extend((record, exhausted) for record in pending.records)
+            final = RetryableSinkError(f"still failing after retries: {exhausted}")
+            refused.extend((record, final) for record in pending.records)
         return refused
 
     def _refuse(self, sink: Sink, refused: list[tuple[ChangeRecord, SinkError]]) -> None:

@@ -390,3 +390,14 @@ def test_batches_keep_every_record_once_in_order_within_limits(
         holding = [i for i, b in enumerate(batches) if shard in b.positions]
         assert not holding or marking[0] >= max(holding)
     assert all(b.finished_shards <= ended for b in batches)
+
+
+def test_a_batch_never_exceeds_max_bytes_when_records_do_not_fit_evenly() -> None:
+    assembler = BatchAssembler(BatchSettings(max_records=100, max_bytes=1024), table="t")
+    records = [stream_record(sequence=10**20 + n, size_bytes=600) for n in range(5)]
+    closed = assembler.add(page("shardId-a", records))
+    last = assembler.close()
+    assert last is not None
+    batches = [*closed, last]
+    assert [b.batch.size_bytes for b in batches] == [600] * 5
+    assert [r.sequence_number for b in batches for r in b.batch.records] == [str(10**20 + n) for n in range(5)]
