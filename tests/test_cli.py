@@ -5,13 +5,17 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from pipeline.checkpoint import CheckpointStore
 from pipeline.demo import _item
 from pipeline.emulator import EmbeddedAws
+from pipeline.retry import RetryPolicy
+from pipeline.settings import RetrySettings
 from tests.conftest import read_archive, stream_records, unique, wait_until
 
 STREAMSINK = [sys.executable, "-m", "pipeline.cli"]
@@ -77,10 +81,8 @@ def test_sigterm_drains_flushes_and_checkpoints_then_exits_0(
         for n in range(25):
             dynamodb.put_item(TableName=table, Item=_item(n))
         wait_until(lambda: bool(dynamodb.list_tables()["TableNames"].count(checkpoints)), what="the checkpoint table")
-        wait_until(lambda: process.poll() is None, timeout=1)
-        import time
-
         time.sleep(2.0)  # let the readers take the changes into the pipeline's buffer
+        assert process.poll() is None, "streamsink run exited before SIGTERM"
         assert read_archive(aws, bucket).num_rows == 0
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=30)
@@ -93,16 +95,15 @@ def test_sigterm_drains_flushes_and_checkpoints_then_exits_0(
     truth = stream_records(aws, table)
     archived = read_archive(aws, bucket).column("event_id").to_pylist()
     assert sorted(archived) == sorted(r["eventID"] for r in truth)
-    item = dynamodb.query(
-        TableName=checkpoints,
-        KeyConditionExpression="#s = :s",
-        ExpressionAttributeNames={"#s": "stream"},
-        ExpressionAttributeValues={
-            ":s": {"S": "streamsink|" + dynamodb.describe_table(TableName=table)["Table"]["LatestStreamArn"]}
-        },
-    )["Items"]
+    store = CheckpointStore(
+        dynamodb,
+        table_name=checkpoints,
+        stream_arn=dynamodb.describe_table(TableName=table)["Table"]["LatestStreamArn"],
+        consumer_name="streamsink",
+        retry=RetryPolicy(RetrySettings()),
+    )
     last = max(int(r["dynamodb"]["SequenceNumber"]) for r in truth)
-    assert [int(i["sequence_number"]["S"]) for i in item] == [last]
+    assert [int(c.sequence_number or 0) for c in store.load().values()] == [last]
 
 
 def test_demo_runs_end_to_end_and_says_ok() -> None:
