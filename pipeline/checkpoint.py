@@ -28,6 +28,8 @@ class Checkpoint:
     owner: str | None = None
     lease_expires_at: float | None = None
     updated_at: str | None = None
+    last_record_at: str | None = None
+    """ApproximateCreationDateTime (ISO, UTC) of the last delivered record: how old the delivered data is."""
 
 
 class CheckpointStore:
@@ -100,15 +102,24 @@ class CheckpointStore:
                 return found
             request["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
-    def save(self, positions: Mapping[str, str], finished: frozenset[str] | set[str] = frozenset()) -> None:
-        """Record delivered positions, and shards whose last record is delivered."""
+    def save(
+        self,
+        positions: Mapping[str, str],
+        finished: frozenset[str] | set[str] = frozenset(),
+        record_times: Mapping[str, datetime] | None = None,
+    ) -> None:
+        """Record delivered positions, shards whose last record is delivered, and when those records were made."""
         now = datetime.now(UTC).isoformat()
+        record_times = record_times or {}
         for shard_id in sorted(set(positions) | set(finished)):
             sets = ["updated_at = :u"]
             values: dict[str, Any] = {":u": {"S": now}}
             if shard_id in positions:
                 sets.append("sequence_number = :q")
                 values[":q"] = {"S": positions[shard_id]}
+            if shard_id in record_times:
+                sets.append("last_record_at = :t")
+                values[":t"] = {"S": record_times[shard_id].astimezone(UTC).isoformat()}
             if shard_id in finished:
                 sets.append("finished = :f")
                 values[":f"] = {"BOOL": True}
@@ -139,4 +150,5 @@ def _from_item(item: dict[str, Any]) -> Checkpoint:
         owner=text("owner"),
         lease_expires_at=None if lease is None else float(lease["N"]),
         updated_at=text("updated_at"),
+        last_record_at=text("last_record_at"),
     )

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from pipeline.aws import AwsClients
 from pipeline.batcher import BatchAssembler, BoundedQueue, ClosedBatch, QueueClosedError
@@ -207,6 +208,7 @@ class Pipeline:
     def _deliver_loop(self) -> None:
         assert self._assembler is not None
         positions: dict[str, str] = {}
+        record_times: dict[str, datetime] = {}
         finished: set[str] = set()
         try:
             while True:
@@ -225,21 +227,22 @@ class Pipeline:
                     self.delivery.deliver(item.batch)
                     self.stats.events.update(r.event_name for r in item.batch.records)
                     positions.update(item.positions)
+                    record_times.update((r.shard_id, r.approximate_creation_time) for r in item.batch.records)
                     finished |= item.finished_shards
                 if (positions or finished) and (drained or finished or self.delivery.flush_due(time.monotonic())):
-                    self._commit(positions, finished)
-                    positions, finished = {}, set()
+                    self._commit(positions, finished, record_times)
+                    positions, finished, record_times = {}, set(), {}
                 if drained and self.queue.depth[0] == 0:
                     return
         except Exception as exc:
             self._fail(exc)
             self.queue.close()  # nobody drains it any more: release readers waiting to put
 
-    def _commit(self, positions: dict[str, str], finished: set[str]) -> None:
+    def _commit(self, positions: dict[str, str], finished: set[str], record_times: dict[str, datetime]) -> None:
         """Everything delivered so far becomes durable in every sink, then the checkpoint records it."""
         assert self._store is not None
         self.delivery.flush()
-        self._store.save(positions, finished)
+        self._store.save(positions, finished, record_times)
         self.stats.checkpoints_written += 1
         self.stats.committed.update(positions)
         if finished:

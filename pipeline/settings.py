@@ -34,6 +34,12 @@ class SourceSettings(BaseModel):
     )
     region: str = "us-east-1"
     endpoint_url: str | None = Field(default=None, description="Any AWS-compatible endpoint (moto, LocalStack).")
+    on_trimmed_data: Literal["fail", "skip_to_trim_horizon"] = Field(
+        default="fail",
+        description="When records a shard still needed have passed the stream's 24-hour retention: 'fail' stops "
+        "the pipeline with an error naming the shard; 'skip_to_trim_horizon' logs the loss, counts it, and goes "
+        "on from the oldest record still kept. Never skipped silently.",
+    )
 
     @model_validator(mode="after")
     def _one_stream(self) -> SourceSettings:
