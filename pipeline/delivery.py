@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 
 import tenacity
 
-from pipeline.dead_letter import JsonlDeadLetters
+from pipeline.dead_letter import DeadLetters
 from pipeline.records import Batch, ChangeRecord
 from pipeline.retry import RetryPolicy
 from sinks.base import PermanentSinkError, RetryableSinkError, Sink, SinkError
@@ -49,7 +49,7 @@ class Delivery:
         sinks: Sequence[Sink],
         *,
         retry: RetryPolicy,
-        dead_letters: JsonlDeadLetters,
+        dead_letters: DeadLetters,
         on_failure: str = "dead_letter",
     ) -> None:
         self.sinks = list(sinks)
@@ -140,7 +140,9 @@ class Delivery:
             )
         self._dead_letters.put(sink.name, refused)
         self.stats.dead_lettered[sink.name] = self.stats.dead_lettered.get(sink.name, 0) + len(refused)
-        log.error("sink %s refused %d record(s); written to %s", sink.name, len(refused), self._dead_letters.path)
+        log.error(
+            "sink %s refused %d record(s); dead letters in %s", sink.name, len(refused), self._dead_letters.location
+        )
 
 
 def _subset(records: Sequence[ChangeRecord]) -> Batch:

@@ -17,7 +17,7 @@ from datetime import datetime
 from pipeline.aws import AwsClients
 from pipeline.batcher import BatchAssembler, BoundedQueue, ClosedBatch, QueueClosedError
 from pipeline.checkpoint import Checkpoint, CheckpointStore
-from pipeline.dead_letter import JsonlDeadLetters
+from pipeline.dead_letter import build_dead_letters
 from pipeline.delivery import Delivery
 from pipeline.reader import ShardPage, ShardReader, StartPosition, TrimmedDataError
 from pipeline.retry import RetryPolicy
@@ -66,7 +66,7 @@ class Pipeline:
         self.stats = PipelineStats()
         self.lineage = ShardLineage()
         self.queue = BoundedQueue(settings.batch.queue_capacity, settings.batch.queue_max_bytes)
-        self.dead_letters = JsonlDeadLetters(settings.dead_letter.path)
+        self.dead_letters = build_dead_letters(settings.dead_letter, self.clients, self.retry)
         self.delivery = Delivery(
             self.sinks,
             retry=self.retry,

@@ -115,7 +115,11 @@ class RetrySettings(BaseModel):
 
 
 class DeadLetterSettings(BaseModel):
-    """`[dead_letter]`: where records go that a sink refuses for good, and whether to go on without them."""
+    """`[dead_letter]`: where records go that a sink refuses for good, and whether to go on without them.
+
+    Every dead letter carries the full stream record, the sink and the reason (AWS Lambda's on-failure
+    destination carries only shard and sequence numbers). It is durable before the checkpoint moves past it.
+    """
 
     model_config = _FROZEN
 
@@ -124,7 +128,27 @@ class DeadLetterSettings(BaseModel):
         description="'dead_letter': record the refused records with the reason and go on. 'block': stop the "
         "pipeline instead, so nothing is ever skipped (ordering over progress).",
     )
-    path: str = Field(default="streamsink-dead-letters.jsonl", min_length=1, description="A local JSONL file.")
+    destination: Literal["jsonl", "sqs", "s3"] = Field(
+        default="jsonl", description="'jsonl': a local file (path); 'sqs': a queue (queue_url); 's3': objects."
+    )
+    path: str = Field(
+        default="streamsink-dead-letters.jsonl",
+        min_length=1,
+        description="The JSONL file; with destination 'sqs', also where entries too large for SQS go.",
+    )
+    queue_url: str | None = Field(default=None, description="SQS queue URL, for destination 'sqs'.")
+    bucket: str | None = Field(default=None, description="S3 bucket, for destination 's3'.")
+    prefix: str = Field(default="dead-letters/", description="S3 key prefix, for destination 's3'.")
+    region: str | None = Field(default=None, description="Defaults to source.region.")
+    endpoint_url: str | None = Field(default=None, description="Defaults to source.endpoint_url.")
+
+    @model_validator(mode="after")
+    def _destination_is_complete(self) -> DeadLetterSettings:
+        if self.destination == "sqs" and not self.queue_url:
+            raise ValueError("dead_letter.queue_url: required when dead_letter.destination = 'sqs'")
+        if self.destination == "s3" and not self.bucket:
+            raise ValueError("dead_letter.bucket: required when dead_letter.destination = 's3'")
+        return self
 
 
 class RuntimeSettings(BaseModel):
