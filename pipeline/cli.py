@@ -34,16 +34,11 @@ def _settings(path: str) -> Settings | None:
         return None
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
-    )
-    for noisy in ("botocore", "boto3", "s3fs", "aiobotocore", "urllib3", "werkzeug"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def run(settings: Settings) -> int:
+    from pipeline.console import StatusLine, configure_logging
     from pipeline.runner import Pipeline
+
+    interactive = configure_logging(settings.runtime.log_level, settings.runtime.log_format)
 
     stop = threading.Event()
 
@@ -59,8 +54,11 @@ def run(settings: Settings) -> int:
     except Exception as exc:
         print(f"streamsink: cannot start: {exc}", file=sys.stderr)
         return 1
+    status = StatusLine(pipeline).start() if interactive else None
     while not stop.is_set() and not pipeline.wait(0.2):
         pass
+    if status is not None:
+        status.stop()
     clean = pipeline.stop()
     if pipeline.fatal is not None:
         print(f"streamsink: stopped on error: {pipeline.fatal}", file=sys.stderr)
@@ -71,9 +69,10 @@ def run(settings: Settings) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
+        from pipeline.console import configure_logging
         from pipeline.demo import run_demo
 
-        _configure_logging("WARNING")
+        configure_logging("WARNING", "text")
         return run_demo(changes=args.changes)
     settings = _settings(args.config)
     if settings is None:
@@ -81,7 +80,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "validate":
         print(settings.model_dump_json(indent=2))
         return 0
-    _configure_logging(settings.runtime.log_level)
     return run(settings)
 
 

@@ -19,6 +19,7 @@ from pipeline.batcher import BatchAssembler, BoundedQueue, ClosedBatch, QueueClo
 from pipeline.checkpoint import Checkpoint, CheckpointStore
 from pipeline.dead_letter import build_dead_letters
 from pipeline.delivery import Delivery
+from pipeline.metrics import MetricsServer, PipelineMetrics
 from pipeline.reader import ShardPage, ShardReader, StartPosition, TrimmedDataError
 from pipeline.retry import RetryPolicy
 from pipeline.scheduler import PollScheduler
@@ -82,6 +83,9 @@ class Pipeline:
         )
         self.stream_arn = ""
         self.fatal: BaseException | None = None
+        self.started_at: float | None = None
+        self.metrics = PipelineMetrics(self, stall_seconds=settings.metrics.stall_seconds)
+        self.metrics_server: MetricsServer | None = None
         self._checkpoints: dict[str, Checkpoint] = {}
         self._initial_shards: set[str] = set()
         self._first_start = False
@@ -97,7 +101,13 @@ class Pipeline:
     # -- start -------------------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.started_at = time.time()
         source = self.settings.source
+        if self.settings.metrics.port is not None:
+            self.metrics_server = MetricsServer(
+                self.metrics, self.settings.metrics.host, self.settings.metrics.port
+            ).start()
+            log.info("metrics on http://%s:%d/metrics", self.settings.metrics.host, self.metrics_server.port)
         if source.stream_arn:
             self.stream_arn = source.stream_arn
         else:
@@ -224,7 +234,9 @@ class Pipeline:
                     if last is not None:
                         closed.append(last)
                 for item in closed:
+                    started = time.monotonic()
                     self.delivery.deliver(item.batch)
+                    self.metrics.observe_batch(item.batch, time.monotonic() - started)
                     self.stats.events.update(r.event_name for r in item.batch.records)
                     positions.update(item.positions)
                     record_times.update((r.shard_id, r.approximate_creation_time) for r in item.batch.records)
@@ -245,6 +257,7 @@ class Pipeline:
         self._store.save(positions, finished, record_times)
         self.stats.checkpoints_written += 1
         self.stats.committed.update(positions)
+        self.metrics.observe_commit(set(positions))
         if finished:
             self.stats.finished_shards |= finished
             self.lineage.mark_finished(finished)
@@ -296,4 +309,6 @@ class Pipeline:
                 sink.close()
             except Exception as exc:
                 log.warning("closing sink %s: %s", sink.name, exc)
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         return clean and self.fatal is None

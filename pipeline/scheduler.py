@@ -15,10 +15,47 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 from pipeline.reader import ShardPage, ShardReader
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShardProgress:
+    """What the last polls of one shard showed: the raw material of lag metrics and health checks.
+
+    Times are wall-clock epoch seconds. Updated only by the worker polling the shard; read by scrapes.
+    """
+
+    shard_id: str
+    polls: int = 0
+    empty_polls: int = 0
+    errors: int = 0
+    last_poll_ok_at: float | None = None
+    last_records_at: float | None = None
+    last_record_created: float | None = None
+    last_sequence_read: str | None = None
+
+    def iterator_age(self, now: float) -> float | None:
+        """Now minus the creation time of the newest record read; 0 once a poll came back empty."""
+        if self.last_record_created is None:
+            return None
+        if self.last_poll_ok_at is not None and (self.last_records_at or 0) < self.last_poll_ok_at:
+            return 0.0  # the last poll found nothing newer: caught up
+        return max(0.0, now - self.last_record_created)
+
+
+def _epoch(value: Any) -> float | None:
+    """ApproximateCreationDateTime as boto3 parses it (datetime) or as the wire carries it (epoch seconds)."""
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+    if isinstance(value, int | float):
+        return float(value)
+    return None
 
 
 class PollScheduler:
@@ -47,12 +84,15 @@ class PollScheduler:
         self._in_flight = 0
         self.polls = 0
         self.empty_polls = 0
+        self.errors = 0
+        self.progress: dict[str, ShardProgress] = {}
 
     def add(self, reader: ShardReader, delay: float = 0.0) -> None:
         with self._cond:
             if reader.shard_id in self._active or self._stopping:
                 return
             self._active[reader.shard_id] = reader
+            self.progress.setdefault(reader.shard_id, ShardProgress(reader.shard_id))
             self._push(reader, delay)
 
     def active_shard_ids(self) -> set[str]:
@@ -99,18 +139,34 @@ class PollScheduler:
     def _work(self) -> None:
         while (reader := self._next_due()) is not None:
             delay: float | None
+            progress = self.progress[reader.shard_id]
             try:
                 page = reader.poll()
-                self.polls += 1
-                if not page.records:
-                    self.empty_polls += 1
+                self._note(progress, page)
                 self._deliver(page)
                 delay = None if page.end_of_shard else self.idle_delay(reader)
             except Exception as exc:
+                self.errors += 1
+                progress.errors += 1
                 delay = self._on_shard_error(reader, exc)
             with self._cond:
                 self._in_flight -= 1
                 if delay is None:
                     del self._active[reader.shard_id]
+                    del self.progress[reader.shard_id]
                 elif not self._stopping:
                     self._push(reader, delay)
+
+    def _note(self, progress: ShardProgress, page: ShardPage) -> None:
+        now = time.time()
+        self.polls += 1
+        progress.polls += 1
+        progress.last_poll_ok_at = now
+        if not page.records:
+            self.empty_polls += 1
+            progress.empty_polls += 1
+            return
+        last = page.records[-1]["dynamodb"]
+        progress.last_records_at = now
+        progress.last_record_created = _epoch(last.get("ApproximateCreationDateTime"))
+        progress.last_sequence_read = last["SequenceNumber"]

@@ -158,6 +158,24 @@ class RuntimeSettings(BaseModel):
 
     shutdown_timeout_seconds: float = Field(default=30.0, gt=0.0, le=3600.0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "text", "json"] = Field(
+        default="auto",
+        description="'auto': a live status line when stderr is a terminal, JSON lines otherwise (containers).",
+    )
+
+
+class MetricsSettings(BaseModel):
+    """`[metrics]`: Prometheus metrics and the health check, served over HTTP while `streamsink run` runs."""
+
+    model_config = _FROZEN
+
+    port: int | None = Field(default=None, ge=0, le=65535, description="Unset: no server. 0: any free port.")
+    host: str = Field(default="0.0.0.0", description="Address to listen on.")
+    stall_seconds: float = Field(
+        default=300.0,
+        gt=0.0,
+        description="/healthz turns unhealthy when a shard has made no progress this long while behind.",
+    )
 
 
 class Settings(BaseSettings):
@@ -174,6 +192,7 @@ class Settings(BaseSettings):
     retry: RetrySettings = RetrySettings()
     dead_letter: DeadLetterSettings = DeadLetterSettings()
     runtime: RuntimeSettings = RuntimeSettings()
+    metrics: MetricsSettings = MetricsSettings()
     sinks: list[SinkConfig] = Field(min_length=1)
 
     @classmethod

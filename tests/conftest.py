@@ -72,7 +72,7 @@ def make_settings(aws: EmbeddedAws, table: str, bucket: str, tmp_path: Path) -> 
             "sinks": [{"type": "s3_parquet", "bucket": bucket, "prefix": "orders/", "buffer_max_seconds": 0.5}],
         }
         for section, value in sections.items():
-            values[section] = {**values[section], **value} if isinstance(value, dict) else value
+            values[section] = {**values.get(section, {}), **value} if isinstance(value, dict) else value
         return load_settings(**values)
 
     return build

@@ -1,0 +1,222 @@
+"""Prometheus metrics and a health check for a running pipeline, served over HTTP.
+
+Counters and gauges are read from the pipeline's own state when Prometheus scrapes (a custom collector), so the
+hot paths keep plain integer counters and pay nothing for metrics. Only the distributions (batch sizes, delivery
+latency, change-to-sink latency) are observed as they happen.
+
+Health (`/healthz`): unhealthy, with the reasons in the body, when the pipeline stopped on an error, or when a
+shard has made no progress for `metrics.stall_seconds` while behind: it has records read but not checkpointed
+(a sink is down or refusing), or no successful GetRecords (the stream is unreachable). A shard that is merely
+idle (its last poll came back empty and everything read is checkpointed) is healthy however long it sleeps.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from pipeline.records import Batch
+
+if TYPE_CHECKING:
+    from pipeline.runner import Pipeline
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10_000)
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    healthy: bool
+    reasons: tuple[str, ...]
+
+
+class PipelineMetrics:
+    """The metrics of one pipeline, on a registry of its own (several pipelines may share a process)."""
+
+    def __init__(self, pipeline: Pipeline, stall_seconds: float) -> None:
+        self._pipeline = pipeline
+        self.stall_seconds = stall_seconds
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.batch_records = Histogram(
+            "streamsink_batch_records",
+            "Records per batch handed to the sinks.",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_seconds = Histogram(
+            "streamsink_batch_delivery_seconds",
+            "Time for every sink to take one batch, retries included.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.change_to_sink_seconds = Histogram(
+            "streamsink_change_to_sink_seconds",
+            "From a change's ApproximateCreationDateTime to every sink having taken it.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_StateCollector(pipeline))
+        self._shard_commit_at: dict[str, float] = {}
+
+    def observe_batch(self, batch: Batch, seconds: float) -> None:
+        """Called by the delivery thread after every sink took `batch`."""
+        self.batch_records.observe(len(batch))
+        self.batch_seconds.observe(seconds)
+        now = time.time()
+        for record in batch.records:
+            self.change_to_sink_seconds.observe(max(0.0, now - record.approximate_creation_time.timestamp()))
+
+    def observe_commit(self, shard_ids: set[str]) -> None:
+        now = time.time()
+        for shard_id in shard_ids:
+            self._shard_commit_at[shard_id] = now
+
+    def health(self, now: float | None = None) -> Health:
+        now = time.time() if now is None else now
+        pipeline = self._pipeline
+        reasons: list[str] = []
+        if pipeline.fatal is not None:
+            reasons.append(f"stopped on error: {pipeline.fatal}")
+        started = pipeline.started_at or now
+        committed = dict(pipeline.stats.committed)
+        for progress in list(pipeline.scheduler.progress.values()):
+            last_ok = progress.last_poll_ok_at or started
+            if now - last_ok > self.stall_seconds:
+                reasons.append(f"shard {progress.shard_id}: no successful GetRecords for {now - last_ok:.0f}s")
+                continue
+            read = progress.last_sequence_read
+            done = committed.get(progress.shard_id)
+            behind = read is not None and (done is None or int(done) < int(read))
+            since = self._shard_commit_at.get(progress.shard_id, progress.last_records_at or started)
+            if behind and now - since > self.stall_seconds:
+                reasons.append(
+                    f"shard {progress.shard_id}: records read up to {read} but nothing checkpointed for "
+                    f"{now - since:.0f}s (checkpoint at {done or 'none'})"
+                )
+        return Health(not reasons, tuple(reasons))
+
+
+class _StateCollector(Collector):
+    """Reads counters and gauges from the pipeline at scrape time."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+
+    def collect(self) -> Iterator[Metric]:
+        p = self._pipeline
+        now = time.time()
+        yield _counter("streamsink_records_read", "Records read from the stream.", p.stats.records_read)
+        yield _counter("streamsink_checkpoints_written", "Checkpoint commits.", p.stats.checkpoints_written)
+        for name, help_text, values in (
+            ("streamsink_records_delivered", "Records taken by a sink.", p.delivery.stats.delivered),
+            ("streamsink_records_dead_lettered", "Records a sink refused for good.", p.delivery.stats.dead_lettered),
+            ("streamsink_records_filtered", "Records a sink's filter left out.", _filtered(p)),
+        ):
+            family = CounterMetricFamily(name, help_text, labels=["sink"])
+            for sink in p.sinks:
+                family.add_metric([sink.name], values.get(sink.name, 0))
+            yield family
+        events = CounterMetricFamily("streamsink_events", "Changes delivered, by event name.", labels=["event"])
+        for event, count in sorted(p.stats.events.items()):
+            events.add_metric([event], count)
+        yield events
+        calls = CounterMetricFamily(
+            "streamsink_getrecords_calls", "GetRecords calls: the polling cost.", labels=["result"]
+        )
+        scheduler = p.scheduler
+        calls.add_metric(["records"], scheduler.polls - scheduler.empty_polls)
+        calls.add_metric(["empty"], scheduler.empty_polls)
+        calls.add_metric(["error"], scheduler.errors)
+        yield calls
+        records, size = p.queue.depth
+        yield GaugeMetricFamily("streamsink_queue_records", "Records waiting for the batcher.", value=records)
+        yield GaugeMetricFamily("streamsink_queue_bytes", "Bytes waiting for the batcher.", value=size)
+        shards = GaugeMetricFamily("streamsink_shards", "Shards by state.", labels=["state"])
+        shards.add_metric(["reading"], len(scheduler.progress))
+        shards.add_metric(["finished"], len(p.stats.finished_shards))
+        yield shards
+        age = GaugeMetricFamily(
+            "streamsink_shard_iterator_age_seconds",
+            "Now minus the creation time of the newest record read; 0 when caught up.",
+            labels=["shard"],
+        )
+        since_poll = GaugeMetricFamily(
+            "streamsink_shard_seconds_since_poll", "Time since the last successful GetRecords.", labels=["shard"]
+        )
+        for progress in list(scheduler.progress.values()):
+            value = progress.iterator_age(now)
+            if value is not None:
+                age.add_metric([progress.shard_id], value)
+            if progress.last_poll_ok_at is not None:
+                since_poll.add_metric([progress.shard_id], now - progress.last_poll_ok_at)
+        yield age
+        yield since_poll
+        yield _counter("streamsink_trimmed_skips", "Times a shard skipped trimmed records.", _trimmed_skips(p))
+
+
+def _counter(name: str, help_text: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, help_text, value=value)
+
+
+def _filtered(pipeline: Pipeline) -> dict[str, int]:
+    return dict(getattr(pipeline.delivery.stats, "filtered", {}) or {})
+
+
+def _trimmed_skips(pipeline: Pipeline) -> int:
+    return int(getattr(pipeline.stats, "trimmed_skips", 0))
+
+
+class MetricsServer:
+    """`/metrics` (Prometheus text format) and `/healthz` (200 or 503 with reasons) on a background thread."""
+
+    def __init__(self, metrics: PipelineMetrics, host: str, port: int) -> None:
+        self._metrics = metrics
+        handler = _handler_for(metrics)
+        self._server = ThreadingHTTPServer((host, port), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> MetricsServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _handler_for(metrics: PipelineMetrics) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?")[0] == "/metrics":
+                self._reply(200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry))
+            elif self.path.split("?")[0] == "/healthz":
+                health = metrics.health()
+                body = "ok\n" if health.healthy else "".join(f"{reason}\n" for reason in health.reasons)
+                self._reply(200 if health.healthy else 503, "text/plain; charset=utf-8", body.encode())
+            else:
+                self._reply(404, "text/plain", b"not found: try /metrics or /healthz\n")
+
+        def _reply(self, status: int, content_type: str, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    return Handler
