@@ -23,6 +23,7 @@ import tenacity
 from pipeline.dead_letter import DeadLetters
 from pipeline.records import Batch, ChangeRecord
 from pipeline.retry import RetryPolicy
+from pipeline.transforms import SinkFeed
 from sinks.base import PermanentSinkError, RetryableSinkError, Sink, SinkError
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ class DeliveryBlockedError(Exception):
 class DeliveryStats:
     delivered: dict[str, int] = field(default_factory=dict)
     dead_lettered: dict[str, int] = field(default_factory=dict)
+    filtered: dict[str, int] = field(default_factory=dict)
+    """Per sink: records its filter or record_transform chose not to deliver (not failures)."""
     batches: int = 0
 
 
@@ -51,8 +54,10 @@ class Delivery:
         retry: RetryPolicy,
         dead_letters: DeadLetters,
         on_failure: str = "dead_letter",
+        feeds: Sequence[SinkFeed] | None = None,
     ) -> None:
         self.sinks = list(sinks)
+        self._feeds = list(feeds) if feeds is not None else [SinkFeed()] * len(self.sinks)
         self._retry = retry
         self._dead_letters = dead_letters
         self._on_failure = on_failure
@@ -62,11 +67,14 @@ class Delivery:
         """Return once every sink has taken every record of `batch` or it has been dead-lettered."""
         if not batch.records:
             return
-        for sink in self.sinks:
-            refused = self._isolate(sink, batch)
+        for sink, feed in zip(self.sinks, self._feeds, strict=True):
+            given = feed.prepare(batch)  # the sink's filter, record_transform and projection
+            self.stats.filtered[sink.name] = self.stats.filtered.get(sink.name, 0) + given.filtered
+            refused = self._isolate(sink, given.batch) if given.batch.records else []
+            taken = len(given.batch) - len(refused)
+            refused += [(record, PermanentSinkError(str(error))) for record, error in given.failed]
             if refused:
                 self._refuse(sink, refused)
-            taken = len(batch) - len(refused)
             self.stats.delivered[sink.name] = self.stats.delivered.get(sink.name, 0) + taken
         self.stats.batches += 1
 

@@ -19,12 +19,14 @@ from pipeline.batcher import BatchAssembler, BoundedQueue, ClosedBatch, QueueClo
 from pipeline.checkpoint import Checkpoint, CheckpointStore
 from pipeline.dead_letter import build_dead_letters
 from pipeline.delivery import Delivery
+from pipeline.filters import compile_filter
 from pipeline.metrics import MetricsServer, PipelineMetrics
 from pipeline.reader import ShardPage, ShardReader, StartPosition, TrimmedDataError
 from pipeline.retry import RetryPolicy
 from pipeline.scheduler import PollScheduler
 from pipeline.settings import Settings
 from pipeline.stream import ShardInfo, ShardLineage, describe_shards, resolve_stream_arn, table_name_of
+from pipeline.transforms import SinkFeed
 from sinks.base import Sink
 from sinks.registry import build_sink
 
@@ -39,6 +41,8 @@ class ShutdownInterruptedError(Exception):
 class PipelineStats:
     events: collections.Counter[str] = field(default_factory=collections.Counter)
     records_read: int = 0
+    filtered: int = 0
+    """Records the pipeline-wide [filter] dropped; their positions are checkpointed like delivered ones."""
     checkpoints_written: int = 0
     committed: dict[str, str] = field(default_factory=dict)
     finished_shards: set[str] = field(default_factory=set)
@@ -73,7 +77,10 @@ class Pipeline:
             retry=self.retry,
             dead_letters=self.dead_letters,
             on_failure=settings.dead_letter.on_failure,
+            # Sinks passed in directly are not built from settings.sinks, so their entries' filters do not apply.
+            feeds=None if sinks is not None else [SinkFeed.of(s) for s in settings.sinks],
         )
+        self.record_filter = compile_filter(settings.filter)
         self.scheduler = PollScheduler(
             workers=settings.reader.poll_workers,
             deliver=self._enqueue,
@@ -234,9 +241,11 @@ class Pipeline:
                     if last is not None:
                         closed.append(last)
                 for item in closed:
+                    admitted = self.record_filter.select(item.batch)
+                    self.stats.filtered += len(item.batch) - len(admitted)
                     started = time.monotonic()
-                    self.delivery.deliver(item.batch)
-                    self.metrics.observe_batch(item.batch, time.monotonic() - started)
+                    self.delivery.deliver(admitted)
+                    self.metrics.observe_batch(admitted, time.monotonic() - started)
                     self.stats.events.update(r.event_name for r in item.batch.records)
                     positions.update(item.positions)
                     record_times.update((r.shard_id, r.approximate_creation_time) for r in item.batch.records)

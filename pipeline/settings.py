@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from pipeline.filters import FilterSettings
 from sinks.registry import SINK_TYPES, SinkConfig
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
@@ -193,6 +194,10 @@ class Settings(BaseSettings):
     dead_letter: DeadLetterSettings = DeadLetterSettings()
     runtime: RuntimeSettings = RuntimeSettings()
     metrics: MetricsSettings = MetricsSettings()
+    filter: FilterSettings = Field(
+        default_factory=FilterSettings,
+        description="`[filter]`: records no sink gets; dropped records still advance the checkpoint.",
+    )
     sinks: list[SinkConfig] = Field(min_length=1)
 
     @classmethod
@@ -267,6 +272,12 @@ def _walk(loc: tuple[int | str, ...]) -> tuple[str, type[BaseModel] | None]:
         if isinstance(part, int):
             key += f"[{part}]"
             annotation = _element_type(annotation)
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+            continue
+        if model is None and typing.get_origin(annotation) is dict:  # a table of names the user chose
+            key += f".{part}"
+            annotation = typing.get_args(annotation)[1]
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
             continue
         if model is None and isinstance(part, str) and part in SINK_TYPES:
             model = _sink_model(part)  # the discriminator's tag: not part of the key the user wrote
@@ -274,7 +285,7 @@ def _walk(loc: tuple[int | str, ...]) -> tuple[str, type[BaseModel] | None]:
         key += f".{part}" if key else part
         parent = model
         field = parent.model_fields.get(part) if parent else None
-        annotation = field.annotation if field else None
+        annotation = _unwrap_optional(field.annotation) if field else None
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
         if model is None and field is None:
             return key, parent
@@ -284,6 +295,13 @@ def _walk(loc: tuple[int | str, ...]) -> tuple[str, type[BaseModel] | None]:
 def _element_type(annotation: Any) -> Any:
     args = typing.get_args(annotation)
     return args[0] if args else None
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    """`X | None` -> X: an optional list or section is walked into like a required one."""
+    args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1
+    return args[0] if optional else annotation
 
 
 def _sink_model(sink_type: str) -> type[BaseModel] | None:

@@ -27,7 +27,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.filters import AttributeName, FilterSettings
 from pipeline.records import Batch
+from pipeline.transforms import TransformReference
 
 ClientFactory = Callable[..., Any]
 """`factory(service_name, region=None, endpoint_url=None)` -> a boto3 client configured for this pipeline."""
@@ -68,6 +70,20 @@ class SinkSettings(BaseModel):
     name: str | None = Field(default=None, description="Label in logs and dead letters; defaults to the type.")
     region: str | None = Field(default=None, description="Defaults to source.region.")
     endpoint_url: str | None = Field(default=None, description="Defaults to source.endpoint_url.")
+    filter: FilterSettings = Field(
+        default_factory=FilterSettings,
+        description="Which records this sink gets, after the pipeline-wide [filter]; unset: all of them.",
+    )
+    record_transform: TransformReference | None = Field(
+        default=None,
+        description="'package.module:function' called with each admitted ChangeRecord; returns the ChangeRecord "
+        "to deliver, or None to drop it for this sink. Applied by the pipeline, after `filter`.",
+    )
+    project: list[AttributeName] | None = Field(
+        default=None,
+        min_length=1,
+        description="Keep only these attributes (and the key attributes) in the images; after record_transform.",
+    )
 
 
 class Sink(ABC):
