@@ -287,17 +287,17 @@ def _changed_check(names: tuple[str, ...]) -> Check:
 def _differs(old: Mapping[str, Any], new: Mapping[str, Any], name: str) -> bool:
     if (name in old) != (name in new):
         return True
-    return name in old and not same_value(old[name], new[name])
+    return name in old and not _same_value(old[name], new[name])
 
 
-def same_value(a: Any, b: Any) -> bool:
+def _same_value(a: Any, b: Any) -> bool:
     """Equality of unmarshalled values that keeps DynamoDB types apart (BOOL true is not N 1)."""
     if type(a) is not type(b):
         return False
     if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
     if isinstance(a, list):
-        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
     return bool(a == b)
 
 
@@ -311,7 +311,7 @@ class FilterSyntaxError(ValueError):
 _IMAGES = {"key": "keys", "attr": "attributes", "new": "new_image", "old": "old_image"}
 _CLI_GRAMMAR = (
     "event=NAMES, ttl=include|exclude|only, changed=ATTRS, has=[new.|old.]ATTR, "
-    "key.ATTR=V, key.ATTR^=PREFIX, attr.ATTR=V, new.ATTR=V, old.ATTR=V (prefix ! or != to negate)"
+    "key.ATTR=V, key.ATTR^=PREFIX, attr.ATTR=V, new.ATTR=V, old.ATTR=V; ! or != negates, `or` separates alternatives"
 )
 
 

@@ -27,6 +27,7 @@ attributes) or None to drop it for this sink. It must not change the record it i
 
 _IMAGES = (("keys", "Keys"), ("new_image", "NewImage"), ("old_image", "OldImage"))
 _SERIALIZER = TypeSerializer()
+_ABSENT = object()
 
 
 class TransformError(Exception):
@@ -103,10 +104,20 @@ def apply_transform(transform: RecordTransform, record: ChangeRecord) -> ChangeR
             stream.pop(tag, None)
         else:
             try:
-                stream[tag] = {name: _SERIALIZER.serialize(value) for name, value in image.items()}
+                stream[tag] = _typed(image, getattr(record, field) or {}, stream.get(tag) or {})
             except (TypeError, ValueError, ArithmeticError) as exc:
                 raise TransformError(f"record_transform returned a {field} DynamoDB cannot hold: {exc}") from exc
     return replace(result, raw={**result.raw, "dynamodb": stream})
+
+
+def _typed(image: Mapping[str, Any], before: Mapping[str, Any], typed_before: Mapping[str, Any]) -> dict[str, Any]:
+    """DynamoDB JSON for `image`. A value the transform passed on untouched (the very same object) keeps its
+    typed form from the stream record: masking one attribute costs one attribute's marshalling, not the item's."""
+    typed: dict[str, Any] = {}
+    for name, value in image.items():
+        kept = typed_before.get(name)
+        typed[name] = kept if kept is not None and before.get(name, _ABSENT) is value else _SERIALIZER.serialize(value)
+    return typed
 
 
 def project(record: ChangeRecord, attributes: Collection[str]) -> ChangeRecord:

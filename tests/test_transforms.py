@@ -148,8 +148,9 @@ def test_a_transform_that_masks_an_attribute_rewrites_raw_to_match() -> None:
     reread = change_record_from_stream(masked.raw, table=original.table, shard_id=original.shard_id)
     assert reread.new_image == masked.new_image
     assert reread.old_image == original.old_image
-    # The untouched image and the original record are left alone.
+    # Untouched parts keep their typed form from the stream record; the original record is left alone.
     assert masked.raw["dynamodb"]["OldImage"] is original.raw["dynamodb"]["OldImage"]
+    assert masked.raw["dynamodb"]["NewImage"]["total"] is original.raw["dynamodb"]["NewImage"]["total"]
     assert original.raw["dynamodb"]["NewImage"]["email"] == {"S": "c1@example.com"}
 
 
