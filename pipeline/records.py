@@ -8,7 +8,7 @@ digit string, never through a float.
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -81,31 +81,31 @@ def unmarshal_value(value: Mapping[str, Any]) -> Any:
     if len(value) != 1:
         raise UnmarshalError(f"an attribute value has exactly one type tag, got {sorted(value)!r}")
     ((tag, payload),) = value.items()
-    if tag == "S":
-        return payload
-    if tag == "N":
-        return Decimal(payload)
-    if tag == "M":
-        return {k: unmarshal_value(v) for k, v in payload.items()}
-    if tag == "L":
-        return [unmarshal_value(v) for v in payload]
-    if tag == "BOOL":
-        return bool(payload)
-    if tag == "NULL":
-        return None
-    if tag == "B":
-        return _as_bytes(payload)
-    if tag == "SS":
-        return frozenset(payload)
-    if tag == "NS":
-        return frozenset(Decimal(n) for n in payload)
-    if tag == "BS":
-        return frozenset(_as_bytes(b) for b in payload)
-    raise UnmarshalError(f"unknown DynamoDB type tag {tag!r}")
+    decode = _DECODERS.get(tag)
+    if decode is None:
+        raise UnmarshalError(f"unknown DynamoDB type tag {tag!r}")
+    return decode(payload)
 
 
 def unmarshal_image(image: Mapping[str, Any]) -> dict[str, Any]:
-    return {name: unmarshal_value(value) for name, value in image.items()}
+    # The common tags skip unmarshal_value's generic dispatch: this runs for every attribute of every record.
+    unmarshalled: dict[str, Any] = {}
+    for name, value in image.items():
+        if type(value) is dict and len(value) == 1:
+            if "S" in value:
+                unmarshalled[name] = value["S"]
+                continue
+            if "N" in value:
+                unmarshalled[name] = Decimal(value["N"])
+                continue
+            if "M" in value:
+                unmarshalled[name] = unmarshal_image(value["M"])
+                continue
+            if "L" in value:
+                unmarshalled[name] = _unmarshal_list(value["L"])
+                continue
+        unmarshalled[name] = unmarshal_value(value)
+    return unmarshalled
 
 
 def _as_bytes(payload: Any) -> bytes:
@@ -113,6 +113,53 @@ def _as_bytes(payload: Any) -> bytes:
     if isinstance(payload, bytes | bytearray | memoryview):
         return bytes(payload)
     return base64.b64decode(payload)
+
+
+def _unmarshal_list(payload: Any) -> list[Any]:
+    unmarshalled: list[Any] = []
+    for value in payload:
+        if type(value) is dict and len(value) == 1:
+            if "S" in value:
+                unmarshalled.append(value["S"])
+                continue
+            if "N" in value:
+                unmarshalled.append(Decimal(value["N"]))
+                continue
+            if "M" in value:
+                unmarshalled.append(unmarshal_image(value["M"]))
+                continue
+        unmarshalled.append(unmarshal_value(value))
+    return unmarshalled
+
+
+def _unmarshal_null(payload: Any) -> None:
+    return None
+
+
+def _unmarshal_string(payload: Any) -> Any:
+    return payload
+
+
+def _number_set(payload: Any) -> frozenset[Decimal]:
+    return frozenset(map(Decimal, payload))
+
+
+def _binary_set(payload: Any) -> frozenset[bytes]:
+    return frozenset(map(_as_bytes, payload))
+
+
+_DECODERS: dict[str, Callable[[Any], Any]] = {
+    "S": _unmarshal_string,
+    "N": Decimal,
+    "M": unmarshal_image,
+    "L": _unmarshal_list,
+    "BOOL": bool,
+    "NULL": _unmarshal_null,
+    "B": _as_bytes,
+    "SS": frozenset,
+    "NS": _number_set,
+    "BS": _binary_set,
+}
 
 
 def _as_utc(value: Any) -> datetime:
@@ -152,7 +199,8 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, bytes | bytearray | memoryview):
         return base64.b64encode(bytes(value)).decode("ascii")
     if isinstance(value, frozenset | set):
-        return sorted(value)
+        # Numbers are encoded here rather than by one more call back per element.
+        return [orjson.Fragment(str(v)) if type(v) is Decimal else v for v in sorted(value)]
     if isinstance(value, datetime):
         return value.isoformat()
     raise TypeError(f"cannot encode {type(value).__name__} as JSON")

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
-from pipeline.records import Batch, ChangeRecord, to_json
+from pipeline.records import Batch, ChangeRecord, to_json_bytes
 from sinks.base import PermanentSinkError, RetryableSinkError, Sink, SinkSettings, WriteResult
 
 ARCHIVE_SCHEMA = pa.schema(
@@ -64,21 +64,22 @@ class S3ParquetSinkSettings(SinkSettings):
         return prefix if not prefix or prefix.endswith("/") else prefix + "/"
 
 
-def _image(record: ChangeRecord, which: Literal["NewImage", "OldImage"], encoding: ImageEncoding) -> str | None:
-    if encoding == "dynamodb_json":
-        raw = record.raw["dynamodb"].get(which)
-        return None if raw is None else to_json(raw)
-    image = record.new_image if which == "NewImage" else record.old_image
-    return None if image is None else to_json(image)
+def _json_or_none(value: Any) -> bytes | None:
+    return None if value is None else to_json_bytes(value)
 
 
 def archive_table(records: Sequence[ChangeRecord], encoding: ImageEncoding = "json") -> pa.Table:
     """The archive rows for `records`, in order."""
-    keys = (
-        [to_json(r.raw["dynamodb"].get("Keys", {})) for r in records]
-        if encoding == "dynamodb_json"
-        else [to_json(r.keys) for r in records]
-    )
+    # JSON goes from orjson to Arrow as UTF-8 bytes: no decoding to str for Arrow to encode again.
+    if encoding == "dynamodb_json":
+        streams = [r.raw["dynamodb"] for r in records]
+        keys = [to_json_bytes(s.get("Keys", {})) for s in streams]
+        new_images = [_json_or_none(s.get("NewImage")) for s in streams]
+        old_images = [_json_or_none(s.get("OldImage")) for s in streams]
+    else:
+        keys = [to_json_bytes(r.keys) for r in records]
+        new_images = [_json_or_none(r.new_image) for r in records]
+        old_images = [_json_or_none(r.old_image) for r in records]
     columns: dict[str, list[Any]] = {
         "event_id": [r.event_id for r in records],
         "event_name": [r.event_name for r in records],
@@ -87,8 +88,8 @@ def archive_table(records: Sequence[ChangeRecord], encoding: ImageEncoding = "js
         "sequence_number": [r.sequence_number for r in records],
         "approximate_creation_time": [r.approximate_creation_time for r in records],
         "keys": keys,
-        "new_image": [_image(r, "NewImage", encoding) for r in records],
-        "old_image": [_image(r, "OldImage", encoding) for r in records],
+        "new_image": new_images,
+        "old_image": old_images,
         "size_bytes": [r.size_bytes for r in records],
         "user_identity": [
             None
