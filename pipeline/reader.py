@@ -2,6 +2,11 @@
 
 A reader does one GetRecords per `poll()` and keeps no thread of its own; the scheduler decides when each of a
 thousand readers polls next.
+
+Records older than the stream's 24-hour retention are trimmed. Running into that is never silent: with
+`on_trimmed_data="fail"` the reader raises TrimmedDataError (the pipeline stops and says where); with
+"skip_to_trim_horizon" it logs an ERROR naming the shard and the position it skipped from, counts the skip in
+`trimmed_skips`, and goes on from the oldest record still kept.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from pipeline.retry import RetryPolicy
 from pipeline.stream import ShardInfo
 
 log = logging.getLogger(__name__)
+
+OnTrimmedData = Literal["fail", "skip_to_trim_horizon"]
 
 # Per-record allowance on top of the item size the stream reports, for the envelope (ids, names, numbers).
 RECORD_OVERHEAD_BYTES = 256
@@ -35,6 +42,11 @@ class StartPosition:
     @classmethod
     def after(cls, sequence_number: str) -> StartPosition:
         return cls("AFTER_SEQUENCE_NUMBER", sequence_number)
+
+    def __str__(self) -> str:
+        if self.kind == "AFTER_SEQUENCE_NUMBER":
+            return f"after sequence number {self.sequence_number}"
+        return self.kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +69,7 @@ class ShardReader:
         retry: RetryPolicy,
         start: StartPosition,
         limit: int = 1000,
+        on_trimmed_data: OnTrimmedData = "fail",
     ) -> None:
         self.shard = shard
         self._stream_arn = stream_arn
@@ -64,10 +77,13 @@ class ShardReader:
         self._retry = retry
         self.start = start
         self._limit = limit
+        self._on_trimmed_data = on_trimmed_data
         self._iterator: str | None = None
         self.last_sequence_read: str | None = start.sequence_number
         self.empty_polls = 0
         self.finished = False
+        self.trimmed_skips = 0
+        """Times this shard went on from TRIM_HORIZON after records it still needed had been trimmed."""
 
     @property
     def shard_id(self) -> str:
@@ -80,7 +96,15 @@ class ShardReader:
         return self.start
 
     def _acquire(self) -> str:
-        position = self._position()
+        try:
+            return self._get_shard_iterator(self._position())
+        except ClientError as exc:
+            if _error_code(exc) != "TrimmedDataAccessException":
+                raise
+            self._trimmed(exc)
+        return self._get_shard_iterator(self._position())
+
+    def _get_shard_iterator(self, position: StartPosition) -> str:
         request: dict[str, Any] = {
             "StreamArn": self._stream_arn,
             "ShardId": self.shard_id,
@@ -88,40 +112,34 @@ class ShardReader:
         }
         if position.sequence_number is not None:
             request["SequenceNumber"] = position.sequence_number
-        try:
-            response = self._retry.call("GetShardIterator", self._streams.get_shard_iterator, **request)
-        except ClientError as exc:
-            self._raise_if_trimmed(exc)
-            raise
+        response = self._retry.call("GetShardIterator", self._streams.get_shard_iterator, **request)
         return str(response["ShardIterator"])
 
-    def _raise_if_trimmed(self, exc: ClientError) -> None:
-        if exc.response.get("Error", {}).get("Code") == "TrimmedDataAccessException":
+    def _trimmed(self, exc: ClientError) -> None:
+        """Records this shard still needed are gone: stop, or say so loudly and go on from the oldest kept."""
+        position = self._position()
+        if self._on_trimmed_data == "fail":
             raise TrimmedDataError(
-                f"shard {self.shard_id}: records after {self._position()} are past the stream's 24-hour "
-                "retention and were trimmed; they cannot be delivered"
+                f"shard {self.shard_id}: records {position} are past the stream's 24-hour retention and were "
+                "trimmed; they cannot be delivered (source.on_trimmed_data = 'skip_to_trim_horizon' goes on from "
+                "the oldest record still kept)"
             ) from exc
+        self.trimmed_skips += 1
+        log.error(
+            "shard %s: records %s were trimmed (past the stream's 24-hour retention) and are lost; "
+            "skipping to TRIM_HORIZON, the oldest record still kept (skip %d on this shard)",
+            self.shard_id,
+            position,
+            self.trimmed_skips,
+        )
+        self.start = StartPosition("TRIM_HORIZON")
+        self.last_sequence_read = None
 
     def poll(self) -> ShardPage:
         """One GetRecords call. The page after the shard's last is never requested."""
         if self.finished:
             raise RuntimeError(f"shard {self.shard_id} is already finished")
-        if self._iterator is None:
-            self._iterator = self._acquire()
-        try:
-            response = self._retry.call(
-                "GetRecords", self._streams.get_records, ShardIterator=self._iterator, Limit=self._limit
-            )
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code")
-            if code != "ExpiredIteratorException":
-                self._raise_if_trimmed(exc)
-                raise
-            log.info("shard %s: iterator expired, re-acquiring from %s", self.shard_id, self._position())
-            self._iterator = self._acquire()
-            response = self._retry.call(
-                "GetRecords", self._streams.get_records, ShardIterator=self._iterator, Limit=self._limit
-            )
+        response = self._get_records()
         records = tuple(response.get("Records", ()))
         self._iterator = response.get("NextShardIterator")
         if records:
@@ -132,3 +150,32 @@ class ShardReader:
         self.finished = self._iterator is None
         size = sum(int(r["dynamodb"].get("SizeBytes", 0)) + RECORD_OVERHEAD_BYTES for r in records)
         return ShardPage(self.shard_id, records, size, end_of_shard=self.finished)
+
+    def _get_records(self) -> dict[str, Any]:
+        """GetRecords at the current position. An iterator that expired, or that points at records trimmed since
+        it was issued, is replaced (at most twice a poll); any other error is left to the caller."""
+        replaced = 0
+        while True:
+            if self._iterator is None:
+                self._iterator = self._acquire()
+            try:
+                response: dict[str, Any] = self._retry.call(
+                    "GetRecords", self._streams.get_records, ShardIterator=self._iterator, Limit=self._limit
+                )
+                return response
+            except ClientError as exc:
+                code = _error_code(exc)
+                if code not in ("ExpiredIteratorException", "TrimmedDataAccessException"):
+                    raise
+                self._iterator = None  # spent either way: the next poll acquires a fresh one if this one fails
+                if code == "TrimmedDataAccessException":
+                    self._trimmed(exc)
+                else:
+                    log.info("shard %s: iterator expired, re-acquiring %s", self.shard_id, self._position())
+                replaced += 1
+                if replaced > 2:
+                    raise
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))

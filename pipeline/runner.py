@@ -186,6 +186,7 @@ class Pipeline:
                 retry=self.retry,
                 start=self._start_position(shard),
                 limit=self.settings.reader.get_records_limit,
+                on_trimmed_data=self.settings.source.on_trimmed_data,
             )
             log.info("reading shard %s from %s", shard.shard_id, reader.start.kind)
             self.scheduler.add(reader)
