@@ -1,4 +1,4 @@
-"""The `streamsink` command: run, validate, demo."""
+"""The `streamsink` command: run, validate, demo, tail, status."""
 
 from __future__ import annotations
 
@@ -22,7 +22,44 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", required=True)
     demo = commands.add_parser("demo", help="run end to end against an embedded AWS stand-in (moto)")
     demo.add_argument("--changes", type=int, default=200, help="items to insert (updates and deletes follow)")
+    tail = commands.add_parser("tail", help="print a table's changes as they happen (read-only, no checkpoints)")
+    stream = tail.add_mutually_exclusive_group(required=True)
+    stream.add_argument("--table", help="follow this table's latest stream")
+    stream.add_argument("--stream-arn", help="follow this stream")
+    tail.add_argument("--from", dest="start", choices=("latest", "trim-horizon"), default="latest")
+    tail.add_argument("--format", choices=("summary", "record", "json"), default="summary")
+    tail.add_argument("--limit", type=_positive_int, metavar="N", help="stop after N changes")
+    tail.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="EXPR",
+        help="e.g. 'event=MODIFY key.pk^=customer#'; repeatable",
+    )
+    tail.add_argument("--region")
+    tail.add_argument("--endpoint-url")
+    status = commands.add_parser("status", help="each shard's state, checkpoint and lag (read-only)")
+    status.add_argument("--config", required=True)
+    status.add_argument("--json", action="store_true", help="a JSON document instead of a table")
+    status.add_argument(
+        "--count-behind",
+        type=_positive_int,
+        nargs="?",
+        const=10_000,
+        metavar="MAX",
+        help="read ahead from each unfinished shard's checkpoint and count its records, up to MAX (10000)",
+    )
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _settings(path: str) -> Settings | None:
@@ -74,12 +111,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         configure_logging("WARNING", "text")
         return run_demo(changes=args.changes)
+    if args.command == "tail":
+        from pipeline.tail import run_tail
+
+        return run_tail(
+            table_name=args.table,
+            stream_arn=args.stream_arn,
+            start="LATEST" if args.start == "latest" else "TRIM_HORIZON",
+            fmt=args.format,
+            limit=args.limit,
+            filters=args.filter,
+            region=args.region,
+            endpoint_url=args.endpoint_url,
+        )
     settings = _settings(args.config)
     if settings is None:
         return 2
     if args.command == "validate":
         print(settings.model_dump_json(indent=2))
         return 0
+    if args.command == "status":
+        from pipeline.status import run_status
+
+        return run_status(settings, as_json=args.json, count_cap=args.count_behind)
     return run(settings)
 
 
