@@ -1,18 +1,24 @@
 """CPU cost of "GetRecords response bytes -> archive Parquet bytes" on one core.
 
 The archive sink sits on the hot path of every shard reader, so its per-record cost bounds how many shards one
-process can keep up with. This compares three ways through the same seeded GetRecords bodies:
+process can keep up with. This compares ways through the same seeded GetRecords bodies, each page going
+through a real boto3 client's `get_records` (request building, signing, event hooks, response parsing) whose
+HTTP send is answered in memory with the page's bytes:
 
-- ``naive``: what a first boto3 consumer writes: botocore's parser, boto3's ``TypeDeserializer``, rows of
-  ``json.dumps`` images, ``pa.Table.from_pylist``. The baseline the ratios are relative to.
-- ``streamsink``: botocore's parser, ``change_record_from_stream``, ``archive_table``.
+- ``naive``: what a first boto3 consumer writes: a default client, boto3's ``TypeDeserializer``, rows of
+  ``json.dumps`` images, ``pa.Table.from_pylist``. The baseline the "vs naive" ratios are relative to.
+- ``streamsink``: a client from ``AwsClients`` (GetRecords parsed by orjson, pipeline.wire),
+  ``change_record_from_stream``, ``archive_table``.
+- ``streamsink-botocore`` (only with ``--paths``): the same with ``fast_get_records=False``, i.e. botocore's
+  own parser; what the fast parse saves.
 - ``orjson-floor``: ``orjson.loads`` of the bodies and nothing else; no path that must parse JSON goes faster.
 
 Each page (``--page-size`` records, one GetRecords response) is turned into one zstd Parquet object in memory.
 The sink itself writes once per flush, usually several pages, but per page gives a latency per GetRecords call
 and a Parquet write of 1000 rows is a small share of the total. Each path runs in its own process, pinned
 to one CPU with Arrow's thread pools at one thread, so the peak RSS reported belongs to that path alone and no
-path borrows a second core.
+path borrows a second core. Before timing, the parent checks that the fast parse and botocore's parser give
+the same archive table for the first page, so the figures compare equal output.
 
 Run from the repository root: ``python bench/archive_path.py``. Prints figures; never asserts timings.
 """
@@ -32,25 +38,27 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from decimal import Decimal
 from random import Random
 from typing import Any
 
+import boto3
 import botocore
-import botocore.parsers
-import botocore.session
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 from boto3.dynamodb.types import Binary, TypeDeserializer
+from botocore.awsrequest import AWSResponse
 
+from pipeline.aws import AwsClients
 from pipeline.records import change_record_from_stream
 from sinks.s3_parquet import archive_table
 
-PATHS = ("naive", "streamsink", "orjson-floor")
+PATHS = ("naive", "streamsink", "streamsink-botocore", "orjson-floor")
+DEFAULT_PATHS = ("naive", "streamsink", "orjson-floor")
 TABLE = "bench"
 SHARD_ID = "shardId-bench"
 SEED = 42
@@ -200,22 +208,49 @@ def make_bodies(total: int, page_size: int) -> list[bytes]:
 # --- the three paths ---------------------------------------------------------------------------------------
 
 
-def _response_parser() -> Callable[[bytes], dict[str, Any]]:
-    """botocore's own GetRecords parsing, as a boto3 client does it (both real paths pay for it)."""
-    shape = botocore.session.get_session().get_service_model("dynamodbstreams").operation_model("GetRecords")
-    parser = botocore.parsers.create_parser("json")
-    output_shape = shape.output_shape
+REGION = "us-east-1"
+# Never dialled: every GetRecords is answered in memory by the before-send hook below.
+ENDPOINT = "http://127.0.0.1:9"
+ITERATOR = f"arn:aws:dynamodb:{REGION}:123456789012:table/{TABLE}/stream/2024-05-01T00:00:00.000|1|AAAA"
 
-    def parse(body: bytes) -> dict[str, Any]:
+
+class _CannedBody:
+    """The raw HTTP body botocore reads a response from."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    def stream(self, **_: Any) -> Iterator[bytes]:
+        yield self._body
+
+
+def _get_records(client: Any) -> Callable[[bytes], dict[str, Any]]:
+    """`client.get_records`, with the HTTP exchange replaced by the given response body (status 200)."""
+    pending: list[bytes] = []
+
+    def respond(request: Any, **_: Any) -> AWSResponse:
+        body = pending.pop()
         headers = {
             "x-amzn-requestid": "BENCH0000000000000000000000000000000000000000000000000",
             "content-type": "application/x-amz-json-1.0",
             "content-length": str(len(body)),
         }
-        parsed: dict[str, Any] = parser.parse({"body": body, "headers": headers, "status_code": 200}, output_shape)
-        return parsed
+        return AWSResponse(request.url, 200, headers, _CannedBody(body))
 
-    return parse
+    client.meta.events.register("before-send.dynamodb-streams.GetRecords", respond)
+
+    def get_records(body: bytes) -> dict[str, Any]:
+        pending.append(body)
+        response: dict[str, Any] = client.get_records(ShardIterator=ITERATOR)
+        return response
+
+    return get_records
+
+
+def _use_placeholder_credentials() -> None:
+    # Requests are signed as usual; nothing leaves the process, but the credential chain must find something.
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
 
 
 def _parquet_bytes(table: pa.Table) -> int:
@@ -233,7 +268,8 @@ def _naive_default(value: Any) -> Any:
 
 
 def _naive() -> PageFn:
-    parse = _response_parser()
+    _use_placeholder_credentials()
+    get_records = _get_records(boto3.client("dynamodbstreams", region_name=REGION, endpoint_url=ENDPOINT))
     deserializer = TypeDeserializer()
 
     def image(raw: dict[str, Any] | None) -> str | None:
@@ -243,7 +279,7 @@ def _naive() -> PageFn:
 
     def page(body: bytes) -> int:
         rows = []
-        for record in parse(body)["Records"]:
+        for record in get_records(body)["Records"]:
             ddb = record["dynamodb"]
             identity = record.get("userIdentity")
             rows.append(
@@ -270,12 +306,24 @@ def _naive() -> PageFn:
     return page
 
 
-def _streamsink() -> PageFn:
-    parse = _response_parser()
+def _streamsink_table(fast_get_records: bool) -> Callable[[bytes], pa.Table]:
+    """A page's archive table as the pipeline builds it, with the pipeline's own client."""
+    _use_placeholder_credentials()
+    clients = AwsClients(REGION, ENDPOINT, fast_get_records=fast_get_records)
+    get_records = _get_records(clients.client("dynamodbstreams"))
+
+    def table(body: bytes) -> pa.Table:
+        raws = get_records(body)["Records"]
+        return archive_table([change_record_from_stream(raw, table=TABLE, shard_id=SHARD_ID) for raw in raws])
+
+    return table
+
+
+def _streamsink(fast_get_records: bool = True) -> PageFn:
+    table_of = _streamsink_table(fast_get_records)
 
     def page(body: bytes) -> int:
-        records = [change_record_from_stream(raw, table=TABLE, shard_id=SHARD_ID) for raw in parse(body)["Records"]]
-        table = archive_table(records)
+        table = table_of(body)
         _parquet_bytes(table)
         return int(table.num_rows)
 
@@ -289,9 +337,17 @@ def _orjson_floor() -> PageFn:
     return page
 
 
+def check_same_archive(body: bytes) -> None:
+    """The fast parse must not change a single archive value; fail loudly rather than time a wrong path."""
+    fast, slow = _streamsink_table(True)(body), _streamsink_table(False)(body)
+    if not fast.equals(slow):
+        raise RuntimeError("the fast GetRecords parse gives a different archive table than botocore's parser")
+
+
 _FACTORIES: dict[str, Callable[[], PageFn]] = {
     "naive": _naive,
     "streamsink": _streamsink,
+    "streamsink-botocore": lambda: _streamsink(fast_get_records=False),
     "orjson-floor": _orjson_floor,
 }
 
@@ -306,13 +362,28 @@ class PathResult:
     path: str
     records: int
     best_seconds: float
+    """CPU seconds of the fastest run: what the path costs, whatever else shares the core."""
+    best_wall_seconds: float
     page_ms: list[float]
+    """CPU milliseconds of every page of every run."""
     baseline_rss_mib: float
     peak_rss_mib: float
     cpu: int | None
 
 
 def _max_rss_mib() -> float:
+    """Peak RSS of this process since it exec'd.
+
+    Linux carries ru_maxrss across exec, so a child would report its parent's peak (the parent holds every
+    body); /proc's VmHWM belongs to the new image alone.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     # ru_maxrss is KiB on Linux (bytes on macOS, where this overstates by 1024x).
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -335,33 +406,38 @@ def _read_bodies(path: str) -> list[bytes]:
 
 
 def measure(path: str, bodies: list[bytes], runs: int, cpu: int | None) -> PathResult:
-    """Best-of-`runs` wall time over all pages, plus every page's latency from every run."""
+    """Best-of-`runs` CPU and wall time over all pages, plus every page's CPU time from every run.
+
+    CPU time is what the figures use: on a machine that others share, wall time also counts the time the
+    path waited for its core. On an idle core the two agree within a few percent.
+    """
     total = sum(len(orjson.loads(body)["Records"]) for body in bodies)
     page = _FACTORIES[path]()
     page(bodies[0])  # warm botocore's shape caches and Arrow's lazy initialisation outside the clock
     gc.collect()
     baseline = _max_rss_mib()
-    best = float("inf")
+    best = best_wall = float("inf")
     page_ms: list[float] = []
     for _ in range(runs):
         gc.collect()
         rows = 0
-        started = time.perf_counter()
+        started, started_wall = time.process_time(), time.perf_counter()
         for body in bodies:
-            before = time.perf_counter()
+            before = time.process_time()
             rows += page(body)
-            page_ms.append((time.perf_counter() - before) * 1000)
-        best = min(best, time.perf_counter() - started)
+            page_ms.append((time.process_time() - before) * 1000)
+        best = min(best, time.process_time() - started)
+        best_wall = min(best_wall, time.perf_counter() - started_wall)
         if rows != total:
             raise RuntimeError(f"{path} produced {rows} rows from {total} records")
-    return PathResult(path, total, best, page_ms, baseline, _max_rss_mib(), cpu)
+    return PathResult(path, total, best, best_wall, page_ms, baseline, _max_rss_mib(), cpu)
 
 
 # --- orchestration and report (parent process) -------------------------------------------------------------
 
 
 def _run_children(args: argparse.Namespace, bodies_file: str) -> list[PathResult]:
-    """Each path in its own process on its own CPU, at most `--jobs` at a time, results in PATHS order."""
+    """Each path in its own process on its own CPU, at most `--jobs` at a time, results in `--paths` order."""
     cpus: list[int | None] = [None]
     if hasattr(os, "sched_getaffinity"):
         cpus = [*sorted(os.sched_getaffinity(0))]
@@ -380,7 +456,7 @@ def _run_children(args: argparse.Namespace, bodies_file: str) -> list[PathResult
         return PathResult(**json.loads(done.stdout))
 
     with ThreadPoolExecutor(max_workers=free.qsize()) as pool:
-        return list(pool.map(run, PATHS))
+        return list(pool.map(run, args.paths))
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -394,10 +470,13 @@ def report(results: list[PathResult], wire_bytes: int, pages: int, page_size: in
     total = results[0].records
     runs = len(results[0].page_ms) // pages
     naive = next((r for r in results if r.path == "naive"), None)
+    floor = next((r for r in results if r.path == "orjson-floor"), None)
     header = (
         "path",
         "records/s",
+        "wall records/s",
         "vs naive",
+        "time vs floor",
         "p50 ms/page",
         "p99 ms/page",
         "peak RSS MiB",
@@ -409,7 +488,9 @@ def report(results: list[PathResult], wire_bytes: int, pages: int, page_size: in
             (
                 r.path,
                 f"{r.records / r.best_seconds:,.0f}",
+                f"{r.records / r.best_wall_seconds:,.0f}",
                 f"{naive.best_seconds / r.best_seconds:.2f}x" if naive else "-",
+                f"{r.best_seconds / floor.best_seconds:.2f}x" if floor else "-",
                 f"{_percentile(r.page_ms, 50):.1f}",
                 f"{_percentile(r.page_ms, 99):.1f}",
                 f"{r.peak_rss_mib:.1f}",
@@ -434,7 +515,9 @@ def report(results: list[PathResult], wire_bytes: int, pages: int, page_size: in
             *table,
             "",
             f"latency: nearest-rank percentiles over {runs * pages} pages ({runs} runs x {pages})",
-            "RSS at start: after loading bodies and a warm-up page; peak: ru_maxrss of the path's process",
+            "records/s and ms/page: CPU time of the path's process (wall records/s: elapsed time, best run)",
+            "vs naive: records/s over naive's (higher is faster); time vs floor: CPU time over orjson-floor's",
+            "RSS at start: after loading bodies and a warm-up page; peak: VmHWM of the path's process",
             f"{jobs} path(s) at a time: {placement}",
             f"python {platform.python_version()} ({platform.python_implementation()}), {machine}, "
             f"cpu_count={os.cpu_count()}; botocore {botocore.__version__}, pyarrow {pa.__version__}, "
@@ -462,6 +545,13 @@ def main(argv: list[str] | None = None) -> None:
         help="paths measured at once, each pinned to its own CPU (default 2; 1 gives the quietest figures)",
     )
     # Internal: how the parent invokes each child.
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        choices=PATHS,
+        default=list(DEFAULT_PATHS),
+        help=f"paths to measure, in this order (default: {' '.join(DEFAULT_PATHS)})",
+    )
     parser.add_argument("--only", choices=PATHS, help=argparse.SUPPRESS)
     parser.add_argument("--bodies", help=argparse.SUPPRESS)
     parser.add_argument("--cpu", type=int, help=argparse.SUPPRESS)
@@ -478,6 +568,7 @@ def main(argv: list[str] | None = None) -> None:
     # Generated once and handed over as a file: every child times the same bytes and none pays to build them.
     bodies = make_bodies(args.records, args.page_size)
     wire_bytes, pages = sum(len(b) for b in bodies), len(bodies)
+    check_same_archive(bodies[0])
     with tempfile.TemporaryDirectory(prefix="streamsink-bench-") as tmp:
         bodies_file = os.path.join(tmp, "getrecords.ndjson")
         with open(bodies_file, "wb") as file:
