@@ -53,7 +53,3 @@ def install_fast_get_records(client: Any) -> None:
     botocore's parser.
     """
     client.meta.events.register(GET_RECORDS_EVENT, parse_get_records, unique_id=_HANDLER_ID)
-
-
-def uninstall_fast_get_records(client: Any) -> None:
-    client.meta.events.unregister(GET_RECORDS_EVENT, parse_get_records, unique_id=_HANDLER_ID)
