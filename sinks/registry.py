@@ -10,15 +10,27 @@ from pydantic import Field
 from sinks.base import Sink, SinkSettings
 from sinks.memory import MemorySink, MemorySinkSettings
 from sinks.s3_parquet import S3ParquetSink, S3ParquetSinkSettings
+from sinks.sns import SnsSink, SnsSinkSettings
+from sinks.sqs import SqsSink, SqsSinkSettings
 
-SinkConfig = Annotated[S3ParquetSinkSettings | MemorySinkSettings, Field(discriminator="type")]
+SinkConfig = Annotated[
+    S3ParquetSinkSettings | SqsSinkSettings | SnsSinkSettings | MemorySinkSettings, Field(discriminator="type")
+]
 """The `[[sinks]]` entries of a config file: one model per sink type, chosen by `type`."""
 
-SINK_TYPES: tuple[str, ...] = ("s3_parquet", "memory")
+SINK_TYPES: tuple[str, ...] = ("s3_parquet", "sqs", "sns", "memory")
 
 
 def _s3_parquet(settings: Any, region: str, endpoint_url: str | None) -> Sink:
     return S3ParquetSink(settings, region=region, endpoint_url=endpoint_url)
+
+
+def _sqs(settings: Any, region: str, endpoint_url: str | None) -> Sink:
+    return SqsSink(settings, region=region, endpoint_url=endpoint_url)
+
+
+def _sns(settings: Any, region: str, endpoint_url: str | None) -> Sink:
+    return SnsSink(settings, region=region, endpoint_url=endpoint_url)
 
 
 def _memory(settings: Any, region: str, endpoint_url: str | None) -> Sink:
@@ -27,6 +39,8 @@ def _memory(settings: Any, region: str, endpoint_url: str | None) -> Sink:
 
 _BUILDERS: dict[str, Callable[[Any, str, str | None], Sink]] = {
     "s3_parquet": _s3_parquet,
+    "sqs": _sqs,
+    "sns": _sns,
     "memory": _memory,
 }
 
