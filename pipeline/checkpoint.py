@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from botocore.exceptions import ClientError
 
 from pipeline.retry import RetryPolicy
+from sinks.base import RetryableSinkError
 
 log = logging.getLogger(__name__)
+
+BATCH_WRITE_MAX_ITEMS = 25
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +51,7 @@ class CheckpointStore:
         self._partition = f"{consumer_name}|{stream_arn}"
         self._retry = retry
         self._owner = owner
+        self._known: dict[str, Checkpoint] = {}
 
     def ensure_table(self, create: bool) -> None:
         try:
@@ -99,6 +103,7 @@ class CheckpointStore:
                 checkpoint = _from_item(item)
                 found[checkpoint.shard_id] = checkpoint
             if "LastEvaluatedKey" not in page:
+                self._known.update(found)
                 return found
             request["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
@@ -108,33 +113,60 @@ class CheckpointStore:
         finished: frozenset[str] | set[str] = frozenset(),
         record_times: Mapping[str, datetime] | None = None,
     ) -> None:
-        """Record delivered positions, shards whose last record is delivered, and when those records were made."""
+        """Record delivered positions, shards whose last record is delivered, and when those records were made.
+
+        Whole items are written with BatchWriteItem, 25 shards per call: with a thousand active shards, one
+        UpdateItem per shard per commit would cost a thousand round trips. A put replaces the item, so the
+        store keeps what it last read or wrote for each shard and writes the merged state. That is safe
+        because one pipeline owns a consumer's checkpoints; leases would need conditional writes instead.
+        """
         now = datetime.now(UTC).isoformat()
         record_times = record_times or {}
+        merged: list[Checkpoint] = []
         for shard_id in sorted(set(positions) | set(finished)):
-            sets = ["updated_at = :u"]
-            values: dict[str, Any] = {":u": {"S": now}}
-            if shard_id in positions:
-                sets.append("sequence_number = :q")
-                values[":q"] = {"S": positions[shard_id]}
-            if shard_id in record_times:
-                sets.append("last_record_at = :t")
-                values[":t"] = {"S": record_times[shard_id].astimezone(UTC).isoformat()}
-            if shard_id in finished:
-                sets.append("finished = :f")
-                values[":f"] = {"BOOL": True}
-            if self._owner is not None:
-                sets.append("#o = :o")
-                values[":o"] = {"S": self._owner}
-            request: dict[str, Any] = {
-                "TableName": self._table,
-                "Key": {"stream": {"S": self._partition}, "shard_id": {"S": shard_id}},
-                "UpdateExpression": "SET " + ", ".join(sets),
-                "ExpressionAttributeValues": values,
-            }
-            if self._owner is not None:
-                request["ExpressionAttributeNames"] = {"#o": "owner"}
-            self._retry.call("UpdateItem (checkpoint)", self._ddb.update_item, **request)
+            before = self._known.get(shard_id) or Checkpoint(shard_id, None, False)
+            when = record_times.get(shard_id)
+            merged.append(
+                replace(
+                    before,
+                    sequence_number=positions.get(shard_id, before.sequence_number),
+                    finished=before.finished or shard_id in finished,
+                    owner=self._owner if self._owner is not None else before.owner,
+                    updated_at=now,
+                    last_record_at=when.astimezone(UTC).isoformat() if when is not None else before.last_record_at,
+                )
+            )
+        for start in range(0, len(merged), BATCH_WRITE_MAX_ITEMS):
+            chunk = merged[start : start + BATCH_WRITE_MAX_ITEMS]
+            self._write_items([self._to_item(checkpoint) for checkpoint in chunk])
+            self._known.update((checkpoint.shard_id, checkpoint) for checkpoint in chunk)
+
+    def _write_items(self, items: list[dict[str, Any]]) -> None:
+        pending: list[dict[str, Any]] = [{"PutRequest": {"Item": item}} for item in items]
+        for attempt in self._retry.retrying("BatchWriteItem (checkpoints)"):
+            with attempt:
+                response = self._ddb.batch_write_item(RequestItems={self._table: pending})
+                pending = response.get("UnprocessedItems", {}).get(self._table, [])
+                if pending:
+                    raise _UnprocessedCheckpoints(f"{len(pending)} checkpoint(s) left unprocessed (throttled)")
+
+    def _to_item(self, checkpoint: Checkpoint) -> dict[str, Any]:
+        item: dict[str, Any] = {
+            "stream": {"S": self._partition},
+            "shard_id": {"S": checkpoint.shard_id},
+            "finished": {"BOOL": checkpoint.finished},
+        }
+        for name in ("sequence_number", "owner", "updated_at", "last_record_at"):
+            value = getattr(checkpoint, name)
+            if value is not None:
+                item[name] = {"S": value}
+        if checkpoint.lease_expires_at is not None:
+            item["lease_expires_at"] = {"N": repr(checkpoint.lease_expires_at)}
+        return item
+
+
+class _UnprocessedCheckpoints(RetryableSinkError):
+    """BatchWriteItem returned UnprocessedItems: write those again after a back-off."""
 
 
 def _from_item(item: dict[str, Any]) -> Checkpoint:

@@ -115,6 +115,11 @@ class _StateCollector(Collector):
         now = time.time()
         yield _counter("streamsink_records_read", "Records read from the stream.", p.stats.records_read)
         yield _counter("streamsink_checkpoints_written", "Checkpoint commits.", p.stats.checkpoints_written)
+        yield _counter(
+            "streamsink_records_filtered_by_pipeline",
+            "Records the pipeline-wide [filter] left out (checkpointed, never delivered).",
+            p.stats.filtered,
+        )
         for name, help_text, values in (
             ("streamsink_records_delivered", "Records taken by a sink.", p.delivery.stats.delivered),
             ("streamsink_records_dead_lettered", "Records a sink refused for good.", p.delivery.stats.dead_lettered),
@@ -167,11 +172,11 @@ def _counter(name: str, help_text: str, value: float) -> CounterMetricFamily:
 
 
 def _filtered(pipeline: Pipeline) -> dict[str, int]:
-    return dict(getattr(pipeline.delivery.stats, "filtered", {}) or {})
+    return dict(pipeline.delivery.stats.filtered)
 
 
 def _trimmed_skips(pipeline: Pipeline) -> int:
-    return int(getattr(pipeline.stats, "trimmed_skips", 0))
+    return pipeline.scheduler.trimmed_skips
 
 
 class MetricsServer:

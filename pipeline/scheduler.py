@@ -86,6 +86,7 @@ class PollScheduler:
         self.empty_polls = 0
         self.errors = 0
         self.progress: dict[str, ShardProgress] = {}
+        self._retired_trimmed_skips = 0
 
     def add(self, reader: ShardReader, delay: float = 0.0) -> None:
         with self._cond:
@@ -94,6 +95,12 @@ class PollScheduler:
             self._active[reader.shard_id] = reader
             self.progress.setdefault(reader.shard_id, ShardProgress(reader.shard_id))
             self._push(reader, delay)
+
+    @property
+    def trimmed_skips(self) -> int:
+        """Times any shard skipped past trimmed records (source.on_trimmed_data = 'skip_to_trim_horizon')."""
+        with self._cond:
+            return self._retired_trimmed_skips + sum(r.trimmed_skips for r in self._active.values())
 
     def active_shard_ids(self) -> set[str]:
         with self._cond:
@@ -106,7 +113,8 @@ class PollScheduler:
     def idle_delay(self, reader: ShardReader) -> float:
         if reader.empty_polls == 0:
             return 0.0
-        return float(min(self._idle_max, self._idle_min * 2 ** (reader.empty_polls - 1)))
+        # The exponent is capped: a shard idle for hours must not overflow a float.
+        return float(min(self._idle_max, self._idle_min * 2 ** min(reader.empty_polls - 1, 32)))
 
     def start(self) -> None:
         for n in range(self._workers):
@@ -152,6 +160,7 @@ class PollScheduler:
             with self._cond:
                 self._in_flight -= 1
                 if delay is None:
+                    self._retired_trimmed_skips += reader.trimmed_skips
                     del self._active[reader.shard_id]
                     del self.progress[reader.shard_id]
                 elif not self._stopping:
