@@ -8,17 +8,19 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from sinks.base import Sink, SinkSettings
+from sinks.dynamodb_table import DynamoDbTableSink, DynamoDbTableSinkSettings
 from sinks.memory import MemorySink, MemorySinkSettings
 from sinks.s3_parquet import S3ParquetSink, S3ParquetSinkSettings
 from sinks.sns import SnsSink, SnsSinkSettings
 from sinks.sqs import SqsSink, SqsSinkSettings
 
 SinkConfig = Annotated[
-    S3ParquetSinkSettings | SqsSinkSettings | SnsSinkSettings | MemorySinkSettings, Field(discriminator="type")
+    S3ParquetSinkSettings | SqsSinkSettings | SnsSinkSettings | DynamoDbTableSinkSettings | MemorySinkSettings,
+    Field(discriminator="type"),
 ]
 """The `[[sinks]]` entries of a config file: one model per sink type, chosen by `type`."""
 
-SINK_TYPES: tuple[str, ...] = ("s3_parquet", "sqs", "sns", "memory")
+SINK_TYPES: tuple[str, ...] = ("s3_parquet", "sqs", "sns", "dynamodb_table", "memory")
 
 
 def _s3_parquet(settings: Any, region: str, endpoint_url: str | None) -> Sink:
@@ -33,6 +35,10 @@ def _sns(settings: Any, region: str, endpoint_url: str | None) -> Sink:
     return SnsSink(settings, region=region, endpoint_url=endpoint_url)
 
 
+def _dynamodb_table(settings: Any, region: str, endpoint_url: str | None) -> Sink:
+    return DynamoDbTableSink(settings, region=region, endpoint_url=endpoint_url)
+
+
 def _memory(settings: Any, region: str, endpoint_url: str | None) -> Sink:
     return MemorySink(settings.name or settings.type)
 
@@ -41,6 +47,7 @@ _BUILDERS: dict[str, Callable[[Any, str, str | None], Sink]] = {
     "s3_parquet": _s3_parquet,
     "sqs": _sqs,
     "sns": _sns,
+    "dynamodb_table": _dynamodb_table,
     "memory": _memory,
 }
 
