@@ -255,7 +255,8 @@ def describe_errors(exc: ValidationError) -> list[str]:
         elif kind == "too_short" and key == "sinks":
             lines.append(f"sinks: at least one [[sinks]] entry is required (types: {', '.join(SINK_TYPES)})")
         elif kind == "value_error":
-            lines.append(str(error["msg"]).removeprefix("Value error, "))
+            message = str(error["msg"]).removeprefix("Value error, ")
+            lines.append(message if not key or message.startswith(key) else f"{key}: {message}")
         else:
             got = error.get("input")
             shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
