@@ -1,16 +1,19 @@
 """`streamsink demo`: the whole pipeline against the embedded AWS stand-in, end to end, in under a minute.
 
-It creates a table with a stream and an archive bucket, starts the pipeline, writes a mix of inserts, updates
-and deletes covering every DynamoDB attribute type, waits until every change is checkpointed, stops gracefully,
-then reads the archive back and shows what arrived.
+One table feeds all four sinks: a Parquet archive on S3, a replica table, an SQS queue and an SNS topic (with a
+queue subscribed). The demo writes inserts, updates and deletes covering every DynamoDB attribute type, waits
+until every change is checkpointed, stops gracefully, then reads each destination back and checks it received
+every change: the archive and both queues by event id, the replica by comparing it with the source table.
 """
 
 from __future__ import annotations
 
 import collections
 import time
+from dataclasses import dataclass
 from typing import Any, TextIO
 
+import orjson
 import pyarrow.dataset as ds
 
 from pipeline.emulator import EmbeddedAws, create_stream_table
@@ -18,6 +21,7 @@ from pipeline.runner import Pipeline
 from pipeline.settings import load_settings
 
 TABLE = "orders"
+REPLICA = "orders-replica"
 BUCKET = "audit-archive"
 
 
@@ -59,7 +63,7 @@ def write_changes(dynamodb: Any, table: str, count: int) -> collections.Counter[
     return written
 
 
-def run_demo(changes: int = 200, out: TextIO | None = None, timeout: float = 45.0) -> int:
+def run_demo(changes: int = 200, out: TextIO | None = None, timeout: float = 90.0) -> int:
     import sys
 
     out = out or sys.stdout
@@ -67,17 +71,29 @@ def run_demo(changes: int = 200, out: TextIO | None = None, timeout: float = 45.
     with EmbeddedAws() as aws:
         dynamodb = aws.client("dynamodb")
         create_stream_table(dynamodb, TABLE)
-        aws.client("s3").create_bucket(Bucket=BUCKET)
+        destinations = _create_destinations(aws)
         settings = load_settings(
             source={"table_name": TABLE, "region": aws.region, "endpoint_url": aws.endpoint_url},
             batch={"max_wait_seconds": 0.5},
             reader={"idle_poll_max_seconds": 0.5},
             dead_letter={"path": "streamsink-demo-dead-letters.jsonl"},
-            sinks=[{"type": "s3_parquet", "bucket": BUCKET, "prefix": "orders/", "buffer_max_seconds": 2}],
+            sinks=[
+                {
+                    "type": "s3_parquet",
+                    "name": "archive",
+                    "bucket": BUCKET,
+                    "prefix": "orders/",
+                    "buffer_max_seconds": 2,
+                },
+                {"type": "dynamodb_table", "name": "replica", "table_name": REPLICA},
+                {"type": "sqs", "name": "queue", "queue_url": destinations.queue_url, "body_format": "change"},
+                {"type": "sns", "name": "topic", "topic_arn": destinations.topic_arn, "body_format": "dynamodb"},
+            ],
         )
         pipeline = Pipeline(settings)
         pipeline.start()
         print(f"embedded AWS at {aws.endpoint_url}; pipeline reading {pipeline.stream_arn}", file=out)
+        print(f"sinks: {', '.join(sink.name for sink in pipeline.sinks)}", file=out)
         written = write_changes(dynamodb, TABLE, changes)
         total = sum(written.values())
         print(f"wrote {total} changes: {dict(written)}", file=out)
@@ -89,35 +105,110 @@ def run_demo(changes: int = 200, out: TextIO | None = None, timeout: float = 45.
                 return 1
             time.sleep(0.2)
         clean = pipeline.stop()
-
-        archive = ds.dataset(
-            f"{BUCKET}/orders/", format="parquet", partitioning="hive", filesystem=_s3fs(aws.endpoint_url)
-        ).to_table()
-        by_event = collections.Counter(archive.column("event_name").to_pylist())
-        distinct = len(set(archive.column("event_id").to_pylist()))
-        objects = sum(len(getattr(s, "objects_written", [])) for s in pipeline.sinks)
+        results = [
+            _check_archive(aws, written, out),
+            _check_replica(dynamodb, out),
+            _check_messages(aws.client("sqs"), destinations.queue_url, "queue (sqs, change bodies)", total, out),
+            _check_messages(
+                aws.client("sqs"), destinations.topic_queue_url, "topic (sns -> sqs, dynamodb bodies)", total, out
+            ),
+        ]
+        ok = clean and all(results)
         print(
-            f"delivered {sum(by_event.values())} changes ({distinct} distinct event ids): {dict(by_event)}",
-            file=out,
-        )
-        print(
-            f"archive: {objects} Parquet object(s) under s3://{BUCKET}/orders/, {archive.num_rows} rows",
-            file=out,
-        )
-        print("sample rows:", file=out)
-        for row in archive.sort_by("sequence_number").slice(0, 3).to_pylist():
-            print(
-                f"  {row['approximate_creation_time']:%Y-%m-%dT%H:%M:%SZ} {row['event_name']:<6} "
-                f"keys={row['keys']} new_image={(row['new_image'] or '')[:110]}...",
-                file=out,
-            )
-        ok = clean and by_event == written and distinct == total
-        print(
-            f"{'OK' if ok else 'MISMATCH'}: {total} changes written, {distinct} archived exactly once "
-            f"in {time.monotonic() - started:.1f}s",
+            f"{'OK' if ok else 'MISMATCH'}: {total} changes written; archive, replica, queue and topic each "
+            f"received all of them in {time.monotonic() - started:.1f}s",
             file=out,
         )
         return 0 if ok else 1
+
+
+@dataclass(frozen=True, slots=True)
+class _Destinations:
+    queue_url: str
+    topic_arn: str
+    topic_queue_url: str
+
+
+def _create_destinations(aws: EmbeddedAws) -> _Destinations:
+    """The archive bucket, the replica table, a queue, and a topic with a queue subscribed to it."""
+    aws.client("s3").create_bucket(Bucket=BUCKET)
+    aws.client("dynamodb").create_table(
+        TableName=REPLICA,
+        BillingMode="PAY_PER_REQUEST",
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+        AttributeDefinitions=[
+            {"AttributeName": "pk", "AttributeType": "S"},
+            {"AttributeName": "sk", "AttributeType": "S"},
+        ],
+    )
+    sqs, sns = aws.client("sqs"), aws.client("sns")
+    queue_url = sqs.create_queue(QueueName="order-changes")["QueueUrl"]
+    topic_arn = sns.create_topic(Name="order-events")["TopicArn"]
+    topic_queue_url = sqs.create_queue(QueueName="order-events-subscriber")["QueueUrl"]
+    subscriber_arn = sqs.get_queue_attributes(QueueUrl=topic_queue_url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    sns.subscribe(
+        TopicArn=topic_arn,
+        Protocol="sqs",
+        Endpoint=subscriber_arn,
+        Attributes={"RawMessageDelivery": "true"},
+    )
+    return _Destinations(queue_url, topic_arn, topic_queue_url)
+
+
+def _check_archive(aws: EmbeddedAws, written: collections.Counter[str], out: TextIO) -> bool:
+    archive = ds.dataset(
+        f"{BUCKET}/orders/", format="parquet", partitioning="hive", filesystem=_s3fs(aws.endpoint_url)
+    ).to_table()
+    by_event = collections.Counter(archive.column("event_name").to_pylist())
+    distinct = len(set(archive.column("event_id").to_pylist()))
+    print(f"archive: {archive.num_rows} rows under s3://{BUCKET}/orders/, {distinct} distinct changes", file=out)
+    for row in archive.sort_by("sequence_number").slice(0, 2).to_pylist():
+        print(
+            f"  {row['approximate_creation_time']:%Y-%m-%dT%H:%M:%SZ} {row['event_name']:<6} "
+            f"keys={row['keys']} new_image={(row['new_image'] or '')[:100]}...",
+            file=out,
+        )
+    return by_event == written and distinct == sum(written.values())
+
+
+def _check_replica(dynamodb: Any, out: TextIO) -> bool:
+    """The replica holds exactly the source's items (the sink's sequence attribute aside)."""
+    source = _scan(dynamodb, TABLE)
+    replica = _scan(dynamodb, REPLICA)
+    for item in replica.values():
+        item.pop("_streamsink_sequence", None)
+    same = source == replica
+    print(f"replica: {len(replica)} items, {'equal to' if same else 'DIFFERENT from'} the source table", file=out)
+    return same
+
+
+def _scan(dynamodb: Any, table: str) -> dict[tuple[str, str], dict[str, Any]]:
+    from boto3.dynamodb.types import TypeDeserializer
+
+    plain = TypeDeserializer()
+    items: dict[tuple[str, str], dict[str, Any]] = {}
+    for page in dynamodb.get_paginator("scan").paginate(TableName=table):
+        for item in page["Items"]:
+            values = {name: plain.deserialize(value) for name, value in item.items()}
+            items[(values["pk"], values["sk"])] = values
+    return items
+
+
+def _check_messages(sqs: Any, queue_url: str, label: str, total: int, out: TextIO) -> bool:
+    """Every change arrived as a message: count distinct event ids (delivery is at least once)."""
+    event_ids: set[str] = set()
+    messages = 0
+    empty = 0
+    while empty < 3:
+        batch = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=0).get("Messages", [])
+        empty = 0 if batch else empty + 1
+        for message in batch:
+            messages += 1
+            event_ids.add(orjson.loads(message["Body"])["eventID"])
+    print(f"{label}: {messages} messages, {len(event_ids)} distinct changes", file=out)
+    return len(event_ids) == total
 
 
 def _s3fs(endpoint_url: str) -> Any:

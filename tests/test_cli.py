@@ -109,4 +109,9 @@ def test_sigterm_drains_flushes_and_checkpoints_then_exits_0(
 def test_demo_runs_end_to_end_and_says_ok() -> None:
     done = subprocess.run([*STREAMSINK, "demo", "--changes", "30"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "OK: 51 changes written, 51 archived exactly once" in done.stdout
+    assert "sinks: archive, replica, queue, topic" in done.stdout
+    assert "archive: 51 rows under s3://audit-archive/orders/, 51 distinct changes" in done.stdout
+    assert "replica: 24 items, equal to the source table" in done.stdout
+    assert "queue (sqs, change bodies): 51 messages, 51 distinct changes" in done.stdout
+    assert "topic (sns -> sqs, dynamodb bodies): 51 messages, 51 distinct changes" in done.stdout
+    assert "OK: 51 changes written; archive, replica, queue and topic each received all of them" in done.stdout
