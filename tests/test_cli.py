@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -115,3 +116,10 @@ def test_demo_runs_end_to_end_and_says_ok() -> None:
     assert "queue (sqs, change bodies): 51 messages, 51 distinct changes" in done.stdout
     assert "topic (sns -> sqs, dynamodb bodies): 51 messages, 51 distinct changes" in done.stdout
     assert "OK: 51 changes written; archive, replica, queue and topic each received all of them" in done.stdout
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("config/*.toml")), ids=lambda p: p.name)
+def test_every_example_config_validates(path: Path) -> None:
+    done = subprocess.run([*STREAMSINK, "validate", "--config", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["sinks"]
