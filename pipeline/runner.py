@@ -229,7 +229,7 @@ class Pipeline:
         record_times: dict[str, datetime] = {}
         finished: set[str] = set()
         try:
-            while True:
+            while not self._hard_stop.is_set():  # past the shutdown timeout: leave the rest to the next run
                 wait = min(self._assembler.seconds_until_due(), 0.2)
                 page = self.queue.get(wait)
                 closed: list[ClosedBatch] = []
