@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import http.client
 import logging
+import sys
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
+from typing import Any
 
 from pipeline.simulated_stream import STREAMS_TARGET_PREFIX, StreamSimulator
 
@@ -55,7 +57,7 @@ class SimulatedStreamsServer:
 
     def start(self) -> SimulatedStreamsServer:
         handler = type("_BoundHandler", (_Handler,), {"owner": self})
-        self._server = ThreadingHTTPServer(self._address, handler)
+        self._server = _QuietServer(self._address, handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever,
@@ -82,6 +84,16 @@ class SimulatedStreamsServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A client that disconnects mid-request (a killed pipeline, a closed pool) is normal here, not a traceback."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError):
+            return
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
