@@ -3,12 +3,19 @@
 DynamoDB numbers carry up to 38 significant digits; a float keeps 15-17. Every number therefore becomes a
 `decimal.Decimal` built from the digits DynamoDB sent, and is written back out (JSON, Parquet) from that same
 digit string, never through a float.
+
+A record's images are unmarshalled when something first reads them (`LazyImage`), not when the record is built:
+unmarshalling is most of what a record costs, and the paths that carry the most records (the archive's default
+`dynamodb_json` encoding, `dynamodb`-format messages, dead letters) write the typed form from `raw` and never read
+the images at all. Keys are small and read by almost everything (FIFO group ids, summaries, filters), so they are
+unmarshalled at once.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, ValuesView
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -50,6 +57,7 @@ class ChangeRecord:
     approximate_creation_time: datetime
     keys: Image
     new_image: Image | None
+    """A `LazyImage` when built from the stream; any mapping a transform puts here (e.g. a dict) works too."""
     old_image: Image | None
     size_bytes: int
     user_identity: UserIdentity | None
@@ -106,6 +114,100 @@ def unmarshal_image(image: Mapping[str, Any]) -> dict[str, Any]:
                 continue
         unmarshalled[name] = unmarshal_value(value)
     return unmarshalled
+
+
+_FIRST_USE = threading.Lock()
+
+
+class LazyImage(Mapping[str, Any]):
+    """A read-only image, unmarshalled from its DynamoDB JSON on first access and kept.
+
+    It compares equal to the dict it stands for (either way round) and works wherever a mapping does: `dict(image)`,
+    `{**image}`, `image.get(name)`, `image | {...}`; `to_json` writes it as that dict. A value outside the
+    attribute-value grammar raises `UnmarshalError` naming the record, on first access rather than when the record
+    was read from the stream.
+    """
+
+    __slots__ = ("_event_id", "_name", "_typed", "_values")
+
+    def __init__(self, typed: Mapping[str, Any], event_id: str = "", name: str = "image") -> None:
+        self._typed = typed
+        self._values: dict[str, Any] | None = None
+        # Only for the error message; kept apart so that building a record formats no text.
+        self._event_id = event_id
+        self._name = name
+
+    @property
+    def typed(self) -> Mapping[str, Any]:
+        """The image in DynamoDB JSON, as the stream delivered it (the same object as in `ChangeRecord.raw`)."""
+        return self._typed
+
+    def _unmarshalled(self) -> dict[str, Any]:
+        values = self._values
+        if values is not None:
+            return values
+        try:
+            unmarshalled = unmarshal_image(self._typed)
+        except Exception as exc:  # a bad number, bad base64 or a wrong shape is as unreadable as a bad tag
+            where = f"{self._name} of record {self._event_id}" if self._event_id else self._name
+            raise UnmarshalError(f"{where}: {type(exc).__name__}: {exc}") from exc
+        # The first result wins, so every reader (on any thread) sees the same value objects: a transform's
+        # "passed on unchanged" test is by identity.
+        with _FIRST_USE:
+            values = self._values
+            if values is None:
+                values = self._values = unmarshalled
+        return values
+
+    def __getitem__(self, name: str) -> Any:
+        return self._unmarshalled()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._unmarshalled())
+
+    def __len__(self) -> int:
+        return len(self._unmarshalled())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._unmarshalled()
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._unmarshalled().get(name, default)
+
+    def keys(self) -> KeysView[str]:
+        return self._unmarshalled().keys()
+
+    def items(self) -> ItemsView[str, Any]:
+        return self._unmarshalled().items()
+
+    def values(self) -> ValuesView[Any]:
+        return self._unmarshalled().values()
+
+    def copy(self) -> dict[str, Any]:
+        """A mutable dict of the image, as `dict.copy` gave when images were dicts."""
+        return dict(self._unmarshalled())
+
+    def __or__(self, other: Mapping[str, Any]) -> dict[str, Any]:
+        return {**self._unmarshalled(), **other}
+
+    def __ror__(self, other: Mapping[str, Any]) -> dict[str, Any]:
+        return {**other, **self._unmarshalled()}
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, LazyImage):
+            return self._unmarshalled() == other._unmarshalled()
+        if isinstance(other, dict):
+            return self._unmarshalled() == other
+        if isinstance(other, Mapping):
+            return self._unmarshalled() == dict(other.items())
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        try:
+            return repr(self._unmarshalled())
+        except UnmarshalError as error:
+            # repr must not raise: records are logged, and this is the record the log is about.
+            return f"<{type(self).__name__} unreadable: {error}>"
 
 
 def _as_bytes(payload: Any) -> bytes:
@@ -174,16 +276,17 @@ def change_record_from_stream(raw: Mapping[str, Any], *, table: str, shard_id: s
     new_image = ddb.get("NewImage")
     old_image = ddb.get("OldImage")
     identity = raw.get("userIdentity")
+    event_id = raw["eventID"]
     return ChangeRecord(
-        event_id=raw["eventID"],
+        event_id=event_id,
         event_name=raw["eventName"],
         table=table,
         shard_id=shard_id,
         sequence_number=ddb["SequenceNumber"],
         approximate_creation_time=_as_utc(ddb["ApproximateCreationDateTime"]),
         keys=unmarshal_image(ddb.get("Keys", {})),
-        new_image=None if new_image is None else unmarshal_image(new_image),
-        old_image=None if old_image is None else unmarshal_image(old_image),
+        new_image=None if new_image is None else LazyImage(new_image, event_id, "NewImage"),
+        old_image=None if old_image is None else LazyImage(old_image, event_id, "OldImage"),
         size_bytes=int(ddb.get("SizeBytes", 0)),
         user_identity=None
         if identity is None
@@ -196,6 +299,8 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Decimal):
         # The exact digits, as a JSON number token: no float ever sees them.
         return orjson.Fragment(str(value))
+    if isinstance(value, LazyImage):
+        return value._unmarshalled()
     if isinstance(value, bytes | bytearray | memoryview):
         return base64.b64encode(bytes(value)).decode("ascii")
     if isinstance(value, frozenset | set):
@@ -208,8 +313,14 @@ def _json_default(value: Any) -> Any:
 
 def to_json(value: Any) -> str:
     """Plain JSON for an unmarshalled value: numbers exact, binary as base64, sets as sorted arrays."""
-    return orjson.dumps(value, default=_json_default).decode("utf-8")
+    return to_json_bytes(value).decode("utf-8")
 
 
 def to_json_bytes(value: Any) -> bytes:
-    return orjson.dumps(value, default=_json_default)
+    try:
+        return orjson.dumps(value, default=_json_default)
+    except TypeError as error:
+        # orjson reports whatever `default` raised as "not JSON serializable"; an unreadable image should say so.
+        if isinstance(error.__cause__, UnmarshalError):
+            raise error.__cause__ from None
+        raise

@@ -4,6 +4,13 @@ Rows are buffered like Firehose (by bytes and by age) so a quiet table does not 
 objects; the pipeline checkpoints only after `flush()` has written them. Object names derive from the shard and
 the first and last sequence numbers they hold, so replaying the same range after a crash overwrites the same
 object instead of adding a duplicate.
+
+Images are stored as `dynamodb_json` by default: the typed form exactly as the stream delivered it, which is also
+the format of DynamoDB's own export to S3. It is lossless (an `N` keeps its digit string, `B` stays base64 and
+apart from `S`, a set stays apart from a list) and it is the cheap path: each image is one `orjson.dumps` of the
+record's `raw` stream record, and the record's lazily unmarshalled images are never touched. `json` (plain JSON,
+numbers exact) is easier to query but has to unmarshal every value and encode it back: from GetRecords bytes to
+Parquet bytes it costs about twice the CPU of `dynamodb_json` (bench/README.md).
 """
 
 from __future__ import annotations
@@ -51,8 +58,13 @@ class S3ParquetSinkSettings(SinkSettings):
     prefix: str = Field(default="", description="Key prefix; a trailing '/' is added when missing.")
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
     image_encoding: ImageEncoding = Field(
-        default="json",
-        description="'json': plain JSON, numbers exact; 'dynamodb_json': typed, as the stream delivers it.",
+        default="dynamodb_json",
+        description="How the keys, new_image and old_image columns are written. 'dynamodb_json' (default): the "
+        'typed form exactly as the stream delivers it, as in DynamoDB\'s own export to S3 ({"n": {"N": "1.5"}}); '
+        "lossless (N digits kept, B apart from S, sets apart from lists) and written straight from the stream "
+        "record, without unmarshalling. 'json': plain JSON ({\"n\": 1.5}), numbers exact, binary as base64, sets "
+        "as sorted arrays; easier to query, but B reads like S and a set like a list, and it costs about twice "
+        "the CPU per record.",
     )
     buffer_max_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024)
     buffer_max_seconds: float = Field(default=60.0, ge=0.0, le=900.0)
@@ -68,10 +80,12 @@ def _json_or_none(value: Any) -> bytes | None:
     return None if value is None else to_json_bytes(value)
 
 
-def archive_table(records: Sequence[ChangeRecord], encoding: ImageEncoding = "json") -> pa.Table:
+def archive_table(records: Sequence[ChangeRecord], encoding: ImageEncoding = "dynamodb_json") -> pa.Table:
     """The archive rows for `records`, in order."""
     # JSON goes from orjson to Arrow as UTF-8 bytes: no decoding to str for Arrow to encode again.
     if encoding == "dynamodb_json":
+        # From the stream record, never the images: reading those would unmarshal them. Wire records (base64
+        # text) and boto3's (bytes, encoded back to base64 by to_json_bytes) give the same text.
         streams = [r.raw["dynamodb"] for r in records]
         keys = [to_json_bytes(s.get("Keys", {})) for s in streams]
         new_images = [_json_or_none(s.get("NewImage")) for s in streams]
