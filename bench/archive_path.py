@@ -8,9 +8,11 @@ HTTP send is answered in memory with the page's bytes:
 - ``naive``: what a first boto3 consumer writes: a default client, boto3's ``TypeDeserializer``, rows of
   ``json.dumps`` images, ``pa.Table.from_pylist``. The baseline the "vs naive" ratios are relative to.
 - ``streamsink``: a client from ``AwsClients`` (GetRecords parsed by orjson, pipeline.wire),
-  ``change_record_from_stream``, ``archive_table``.
-- ``streamsink-botocore`` (only with ``--paths``): the same with ``fast_get_records=False``, i.e. botocore's
-  own parser; what the fast parse saves.
+  ``change_record_from_stream``, ``archive_table`` with the sink's default ``image_encoding = "dynamodb_json"``
+  (images written from the stream record; the records' lazy images are never unmarshalled).
+- ``streamsink-json``: the same with ``image_encoding = "json"`` (every image unmarshalled, then plain JSON).
+- ``streamsink-botocore`` (only with ``--paths``): ``streamsink`` with ``fast_get_records=False``, i.e.
+  botocore's own parser; what the fast parse saves.
 - ``orjson-floor``: ``orjson.loads`` of the bodies and nothing else; no path that must parse JSON goes faster.
 
 Each page (``--page-size`` records, one GetRecords response) is turned into one zstd Parquet object in memory.
@@ -18,7 +20,7 @@ The sink itself writes once per flush, usually several pages, but per page gives
 and a Parquet write of 1000 rows is a small share of the total. Each path runs in its own process, pinned
 to one CPU with Arrow's thread pools at one thread, so the peak RSS reported belongs to that path alone and no
 path borrows a second core. Before timing, the parent checks that the fast parse and botocore's parser give
-the same archive table for the first page, so the figures compare equal output.
+the same archive table for the first page in both image encodings, so the figures compare equal output.
 
 Run from the repository root: ``python bench/archive_path.py``. Prints figures; never asserts timings.
 """
@@ -55,10 +57,10 @@ from botocore.awsrequest import AWSResponse
 
 from pipeline.aws import AwsClients
 from pipeline.records import change_record_from_stream
-from sinks.s3_parquet import archive_table
+from sinks.s3_parquet import ImageEncoding, archive_table
 
-PATHS = ("naive", "streamsink", "streamsink-botocore", "orjson-floor")
-DEFAULT_PATHS = ("naive", "streamsink", "orjson-floor")
+PATHS = ("naive", "streamsink", "streamsink-json", "streamsink-botocore", "orjson-floor")
+DEFAULT_PATHS = ("naive", "streamsink", "streamsink-json", "orjson-floor")
 TABLE = "bench"
 SHARD_ID = "shardId-bench"
 SEED = 42
@@ -205,7 +207,7 @@ def make_bodies(total: int, page_size: int) -> list[bytes]:
     return bodies
 
 
-# --- the three paths ---------------------------------------------------------------------------------------
+# --- the paths -------------------------------------------------------------------------------------------
 
 
 REGION = "us-east-1"
@@ -306,7 +308,7 @@ def _naive() -> PageFn:
     return page
 
 
-def _streamsink_table(fast_get_records: bool) -> Callable[[bytes], pa.Table]:
+def _streamsink_table(fast_get_records: bool, encoding: ImageEncoding) -> Callable[[bytes], pa.Table]:
     """A page's archive table as the pipeline builds it, with the pipeline's own client."""
     _use_placeholder_credentials()
     clients = AwsClients(REGION, ENDPOINT, fast_get_records=fast_get_records)
@@ -314,13 +316,14 @@ def _streamsink_table(fast_get_records: bool) -> Callable[[bytes], pa.Table]:
 
     def table(body: bytes) -> pa.Table:
         raws = get_records(body)["Records"]
-        return archive_table([change_record_from_stream(raw, table=TABLE, shard_id=SHARD_ID) for raw in raws])
+        records = [change_record_from_stream(raw, table=TABLE, shard_id=SHARD_ID) for raw in raws]
+        return archive_table(records, encoding)
 
     return table
 
 
-def _streamsink(fast_get_records: bool = True) -> PageFn:
-    table_of = _streamsink_table(fast_get_records)
+def _streamsink(fast_get_records: bool = True, encoding: ImageEncoding = "dynamodb_json") -> PageFn:
+    table_of = _streamsink_table(fast_get_records, encoding)
 
     def page(body: bytes) -> int:
         table = table_of(body)
@@ -339,14 +342,19 @@ def _orjson_floor() -> PageFn:
 
 def check_same_archive(body: bytes) -> None:
     """The fast parse must not change a single archive value; fail loudly rather than time a wrong path."""
-    fast, slow = _streamsink_table(True)(body), _streamsink_table(False)(body)
-    if not fast.equals(slow):
-        raise RuntimeError("the fast GetRecords parse gives a different archive table than botocore's parser")
+    encodings: tuple[ImageEncoding, ...] = ("dynamodb_json", "json")
+    for encoding in encodings:
+        fast, slow = _streamsink_table(True, encoding)(body), _streamsink_table(False, encoding)(body)
+        if not fast.equals(slow):
+            raise RuntimeError(
+                f"the fast GetRecords parse gives a different {encoding} archive table than botocore's parser"
+            )
 
 
 _FACTORIES: dict[str, Callable[[], PageFn]] = {
     "naive": _naive,
     "streamsink": _streamsink,
+    "streamsink-json": lambda: _streamsink(encoding="json"),
     "streamsink-botocore": lambda: _streamsink(fast_get_records=False),
     "orjson-floor": _orjson_floor,
 }
