@@ -157,9 +157,15 @@ class S3ParquetSink(Sink):
             import s3fs
 
             client_kwargs: dict[str, Any] = {"region_name": self._region}
+            # The pipeline's retry policy is the only one: botocore's and s3fs's own retries would hide an
+            # outage inside flush() for half a minute, out of reach of the settings and of a hard stop.
             self._fs = s3fs.S3FileSystem(
-                endpoint_url=self._endpoint_url, client_kwargs=client_kwargs, skip_instance_cache=True
+                endpoint_url=self._endpoint_url,
+                client_kwargs=client_kwargs,
+                config_kwargs={"retries": {"total_max_attempts": 1, "mode": "standard"}},
+                skip_instance_cache=True,
             )
+            self._fs.retries = 1  # not a constructor argument: passed there it breaks exists()
         with _mapped_errors(f"bucket {self._settings.bucket!r}"):
             if not self._fs.exists(self._settings.bucket):
                 raise PermanentSinkError(
