@@ -18,11 +18,14 @@
 # Stopping: SIGTERM makes the pipeline drain (deliver, flush, checkpoint) for up to
 # runtime.shutdown_timeout_seconds (30 s by default), longer than Docker's 10 s default grace period, so stop
 # with `docker stop -t 40` or set terminationGracePeriodSeconds / stopTimeout accordingly.
+#
+# Health: with [metrics] port = 9108, point a liveness or readiness probe at http://<pod>:9108/healthz (503 with
+# the reasons when a shard is stuck behind or the pipeline stopped on an error).
 
 FROM python:3.11-slim
 
 LABEL org.opencontainers.image.title="streamsink" \
-      org.opencontainers.image.description="DynamoDB Streams replication pipeline (S3 Parquet audit archive, ...)" \
+      org.opencontainers.image.description="DynamoDB Streams replication pipeline: S3 Parquet archive, replica table, SQS, SNS" \
       org.opencontainers.image.licenses="Apache-2.0" \
       io.streamsink.config-path="/etc/streamsink/config.toml" \
       io.streamsink.data-path="/var/lib/streamsink"
@@ -46,6 +49,9 @@ RUN pip install --no-cache-dir .
 # by default): mount a persistent volume here so dead letters survive a restart.
 WORKDIR /var/lib/streamsink
 USER 10001:10001
+
+# Prometheus metrics and /healthz, when the config sets [metrics] port = 9108. Logs are JSON lines on stderr.
+EXPOSE 9108
 
 ENTRYPOINT ["streamsink"]
 CMD ["run", "--config", "/etc/streamsink/config.toml"]
