@@ -70,9 +70,14 @@ class Delivery:
         for sink, feed in zip(self.sinks, self._feeds, strict=True):
             given = feed.prepare(batch)  # the sink's filter, record_transform and projection
             self.stats.filtered[sink.name] = self.stats.filtered.get(sink.name, 0) + given.filtered
+            untransformable: list[tuple[ChangeRecord, SinkError]] = [
+                (record, PermanentSinkError(str(error))) for record, error in given.failed
+            ]
+            if untransformable and self._on_failure == "block":
+                self._refuse(sink, untransformable)  # before any later change of the same item is written
             refused = self._isolate(sink, given.batch) if given.batch.records else []
             taken = len(given.batch) - len(refused)
-            refused += [(record, PermanentSinkError(str(error))) for record, error in given.failed]
+            refused += untransformable
             if refused:
                 self._refuse(sink, refused)
             self.stats.delivered[sink.name] = self.stats.delivered.get(sink.name, 0) + taken
@@ -93,6 +98,8 @@ class Delivery:
             return self._write(sink, batch)
         except PermanentSinkError as error:
             if len(batch) == 1:
+                if self._on_failure == "block":
+                    self._refuse(sink, [(batch.records[0], error)])  # stop before the rest of the batch is written
                 return [(batch.records[0], error)]
             half = len(batch) // 2
             log.warning("sink %s refused a batch of %d (%s); bisecting", sink.name, len(batch), error)

@@ -89,6 +89,12 @@ class ShardReader:
     def shard_id(self) -> str:
         return self.shard.shard_id
 
+    def fix_position(self) -> None:
+        """Acquire the iterator now rather than at the first poll: LATEST means "from this moment", and the
+        moment a pipeline has started is when `start()` returns, not when a worker first gets to the shard."""
+        if self._iterator is None:
+            self._iterator = self._acquire()
+
     def _position(self) -> StartPosition:
         # After records were read, resume after the last one: never re-read what is already queued.
         if self.last_sequence_read is not None:

@@ -188,6 +188,8 @@ class Pipeline:
                 limit=self.settings.reader.get_records_limit,
                 on_trimmed_data=self.settings.source.on_trimmed_data,
             )
+            if reader.start.kind == "LATEST":
+                reader.fix_position()
             log.info("reading shard %s from %s", shard.shard_id, reader.start.kind)
             self.scheduler.add(reader)
 
@@ -314,7 +316,8 @@ class Pipeline:
                 self._delivery_thread.join(5.0)
         if self._discovery_thread is not None:
             self._discovery_thread.join(5.0)
-        for sink in self.sinks:
+        delivering = self._delivery_thread is not None and self._delivery_thread.is_alive()
+        for sink in self.sinks if not delivering else ():  # a sink is never called from two threads at once
             try:
                 sink.close()
             except Exception as exc:

@@ -330,6 +330,18 @@ def test_block_stops_on_a_refused_record_and_writes_no_dead_letter(dead_letters:
     assert delivery.stats.dead_lettered == {}
 
 
+def test_block_stops_bisection_before_anything_after_the_refused_record_is_written(
+    dead_letters: JsonlDeadLetters,
+) -> None:
+    """Ordering over progress: a later change of the same item must not reach the sink past the one refused."""
+    records = _records(8)
+    sink = PoisonSink({"e3"})
+    with pytest.raises(DeliveryBlockedError, match="e3"):
+        _delivery([sink], dead_letters, on_failure="block").deliver(_batch(records))
+    assert _ids(sink.taken) == ["e1", "e2"]
+    assert not dead_letters.path.exists()
+
+
 def test_block_stops_on_exhausted_retries_too(dead_letters: JsonlDeadLetters) -> None:
     sink = RecordingSink(fail_retryably({"e1": 3}))
     with pytest.raises(DeliveryBlockedError, match="e1"):
