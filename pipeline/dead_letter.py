@@ -45,6 +45,7 @@ Refused = Sequence[tuple[ChangeRecord, SinkError]]
 
 SQS_MAX_MESSAGE_BYTES = 256 * 1024
 SQS_MAX_BATCH_ENTRIES = 10
+_CALL_BUDGET = SQS_MAX_MESSAGE_BYTES - 2048  # bodies per call, leaving room for the attributes
 
 
 class DeadLetters(Protocol):
@@ -117,8 +118,8 @@ class SqsDeadLetters:
             bodies.append((entry, body))
         if too_big:
             self._overflow.append(too_big)
-        for start in range(0, len(bodies), SQS_MAX_BATCH_ENTRIES):
-            self._send(bodies[start : start + SQS_MAX_BATCH_ENTRIES])
+        for call in _calls(bodies):
+            self._send(call)
         self.count += len(entries)
 
     def _send(self, chunk: list[tuple[dict[str, Any], bytes]]) -> None:
@@ -138,10 +139,29 @@ class SqsDeadLetters:
                 response = self._sqs.send_message_batch(QueueUrl=self._queue_url, Entries=list(pending.values()))
                 for ok in response.get("Successful", []):
                     pending.pop(ok["Id"], None)
+                refused = [f for f in response.get("Failed", []) if f.get("SenderFault") and f["Id"] in pending]
+                if refused:
+                    # The queue will never take these: keep them whole in the file instead of retrying forever.
+                    self._overflow.append([chunk[int(f["Id"])][0] for f in refused])
+                    for failure in refused:
+                        pending.pop(failure["Id"])
                 if pending:
                     failed = response.get("Failed", [])
                     detail = "; ".join(f"{f.get('Code')}: {f.get('Message')}" for f in failed[:3])
                     raise _DeadLetterRetry(f"{len(pending)} dead letter(s) not accepted by SQS: {detail}")
+
+
+def _calls(bodies: list[tuple[dict[str, Any], bytes]]) -> list[list[tuple[dict[str, Any], bytes]]]:
+    """Pack messages in order into SendMessageBatch calls of at most 10 entries and 256 KiB in total."""
+    calls: list[list[tuple[dict[str, Any], bytes]]] = []
+    size = 0
+    for entry in bodies:
+        if not calls or len(calls[-1]) == SQS_MAX_BATCH_ENTRIES or size + len(entry[1]) > _CALL_BUDGET:
+            calls.append([])
+            size = 0
+        calls[-1].append(entry)
+        size += len(entry[1])
+    return calls
 
 
 class S3DeadLetters:

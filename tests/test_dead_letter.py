@@ -171,3 +171,41 @@ def test_the_destination_is_built_from_settings(aws: EmbeddedAws, queue_url: str
     assert built.location == queue_url
     default = load_settings(source={"table_name": "t"}, sinks=[{"type": "memory"}])
     assert isinstance(build_dead_letters(default.dead_letter, clients, _policy()), JsonlDeadLetters)
+
+
+class _RefusesOneEntry:
+    """The real SQS client, except that the entry carrying `sequence` is refused as the sender's fault."""
+
+    def __init__(self, sqs: Any, sequence: str) -> None:
+        self._sqs = sqs
+        self._sequence = sequence
+        self.calls: list[int] = []
+
+    def send_message_batch(self, QueueUrl: str, Entries: list[dict[str, Any]]) -> dict[str, Any]:
+        self.calls.append(sum(len(e["MessageBody"]) for e in Entries))
+        bad = [e for e in Entries if orjson.loads(e["MessageBody"])["sequence_number"] == self._sequence]
+        good = [e for e in Entries if e not in bad]
+        response = dict(self._sqs.send_message_batch(QueueUrl=QueueUrl, Entries=good)) if good else {}
+        response["Failed"] = [
+            {"Id": e["Id"], "SenderFault": True, "Code": "InvalidMessageContents", "Message": "no"} for e in bad
+        ]
+        return response
+
+
+def test_calls_stay_under_the_batch_size_limit_and_a_refused_entry_goes_whole_to_the_file(
+    aws: EmbeddedAws, queue_url: str, tmp_path: Path
+) -> None:
+    sqs = _RefusesOneEntry(aws.client("sqs"), sequence="5")
+    overflow = JsonlDeadLetters(tmp_path / "overflow.jsonl")
+    dead_letters = SqsDeadLetters(sqs, queue_url, retry=_policy(), overflow=overflow)
+    records = [_record(n, payload="y" * 100_000) for n in range(1, 7)]  # six of ~100 KB: three calls at least
+
+    dead_letters.put("queue", _refused(*records))
+
+    assert len(sqs.calls) >= 3
+    assert all(size <= 256 * 1024 for size in sqs.calls)
+    received = {orjson.loads(m["Body"])["sequence_number"] for m in _receive_all(aws.client("sqs"), queue_url, 5)}
+    assert received == {"1", "2", "3", "4", "6"}
+    stored = [orjson.loads(line) for line in overflow.path.read_bytes().splitlines()]
+    assert [entry["sequence_number"] for entry in stored] == ["5"]
+    assert stored[0]["record"]["dynamodb"]["NewImage"]["payload"] == {"S": "y" * 100_000}
