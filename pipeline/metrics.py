@@ -129,7 +129,11 @@ class _StateCollector(Collector):
             for sink in p.sinks:
                 family.add_metric([sink.name], values.get(sink.name, 0))
             yield family
-        events = CounterMetricFamily("streamsink_events", "Changes delivered, by event name.", labels=["event"])
+        events = CounterMetricFamily(
+            "streamsink_events",
+            "Changes handled (delivered, dead-lettered or filtered), by event name.",
+            labels=["event"],
+        )
         for event, count in sorted(p.stats.events.items()):
             events.add_metric([event], count)
         yield events

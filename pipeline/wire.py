@@ -7,7 +7,7 @@ most of what it does (blobs to bytes, the timestamp to a datetime) the pipeline 
 `parse_get_records` runs on botocore's `before-parse` event. For a 2xx response it parses the body with orjson,
 hands `Records` and `NextShardIterator` over through `customized_response_dict` (botocore merges that into its
 parsed response) and gives botocore's parser the body without them. Everything else stays botocore's:
-signing, retries, `ResponseMetadata`, and every non-2xx response, which is left untouched so error codes
+signing, `ResponseMetadata`, and every non-2xx response, which is left untouched so error codes
 parse exactly as before.
 
 The records then stay in wire form: binary as base64 text, `ApproximateCreationDateTime` as epoch seconds,

@@ -12,7 +12,9 @@ Sequence numbers
     This relies on a key's later changes carrying larger sequence numbers. DynamoDB Streams shows a key's
     changes in the order they were made, and reads them from parent shards before children; that the numbers
     also keep growing across a shard split is what the service does in practice, not something moto can
-    show. Numbers from different streams do not compare, so one replica must be fed from one source table.
+    show. Numbers from different streams do not compare, so one replica must be fed from one source table, and a
+    `transform` must map each source item to its own target item: several source items folded into one target
+    item would compare sequence numbers of unrelated changes.
 
 Deletes
     A delete removes the stored sequence along with the item. An older INSERT or MODIFY that arrives after
