@@ -86,6 +86,11 @@ class ShardReader:
         """Times this shard went on from TRIM_HORIZON after records it still needed had been trimmed."""
 
     @property
+    def limit(self) -> int:
+        """Records per GetRecords call: a page this full means more is waiting."""
+        return self._limit
+
+    @property
     def shard_id(self) -> str:
         return self.shard.shard_id
 
