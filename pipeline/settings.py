@@ -88,7 +88,12 @@ class ReaderSettings(BaseModel):
         le=256,
         description="Threads doing GetRecords; shards share them, one poll at a time.",
     )
-    idle_poll_min_seconds: float = Field(default=0.25, ge=0.0, le=60.0)
+    idle_poll_min_seconds: float = Field(
+        default=0.25,
+        ge=0.0,
+        le=60.0,
+        description="Pace of a shard that had records in the last 30 s (a full page is followed at once).",
+    )
     idle_poll_max_seconds: float = Field(
         default=10.0,
         ge=0.0,
