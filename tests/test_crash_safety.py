@@ -45,8 +45,8 @@ from tests.fault_proxy import FaultProxy, latency, s3_bucket
 STREAMSINK = [sys.executable, "-m", "pipeline.cli"]
 SEED = 20240611
 KILLS = 10
-SIMULATED_KILLS = 6
-SPLIT_AFTER_RESTARTS = (1, 3, 5)
+SIMULATED_KILLS = 10
+SPLIT_AFTER_RESTARTS = (1, 4, 7)
 S3_LATENCY_SECONDS = 0.2
 SHUTDOWN_TIMEOUT_SECONDS = 20.0
 SEQUENCE_ATTRIBUTE = "_streamsink_sequence"
