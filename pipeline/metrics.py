@@ -123,7 +123,7 @@ class _StateCollector(Collector):
         for name, help_text, values in (
             ("streamsink_records_delivered", "Records taken by a sink.", p.delivery.stats.delivered),
             ("streamsink_records_dead_lettered", "Records a sink refused for good.", p.delivery.stats.dead_lettered),
-            ("streamsink_records_filtered", "Records a sink's filter left out.", _filtered(p)),
+            ("streamsink_records_filtered", "Records a sink's filter left out.", p.delivery.stats.filtered),
         ):
             family = CounterMetricFamily(name, help_text, labels=["sink"])
             for sink in p.sinks:
@@ -168,19 +168,11 @@ class _StateCollector(Collector):
                 since_poll.add_metric([progress.shard_id], now - progress.last_poll_ok_at)
         yield age
         yield since_poll
-        yield _counter("streamsink_trimmed_skips", "Times a shard skipped trimmed records.", _trimmed_skips(p))
+        yield _counter("streamsink_trimmed_skips", "Times a shard skipped trimmed records.", p.scheduler.trimmed_skips)
 
 
 def _counter(name: str, help_text: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, help_text, value=value)
-
-
-def _filtered(pipeline: Pipeline) -> dict[str, int]:
-    return dict(pipeline.delivery.stats.filtered)
-
-
-def _trimmed_skips(pipeline: Pipeline) -> int:
-    return pipeline.scheduler.trimmed_skips
 
 
 class MetricsServer:

@@ -42,8 +42,6 @@ class ShardProgress:
     last_records_at: float | None = None
     last_record_created: float | None = None
     last_sequence_read: str | None = None
-    records_seen_at: float | None = None
-    """`time.monotonic()` of the last poll that returned records: how the poll pace tells active from idle."""
 
     def iterator_age(self, now: float) -> float | None:
         """Now minus the creation time of the newest record read; 0 once a poll came back empty."""
@@ -127,8 +125,8 @@ class PollScheduler:
         if page.records:
             return 0.0 if len(page.records) >= reader.limit else self._idle_min
         progress = self.progress.get(reader.shard_id)
-        last = progress.records_seen_at if progress is not None else None
-        if last is not None and time.monotonic() - last < ACTIVE_WINDOW_SECONDS:
+        last = progress.last_records_at if progress is not None else None
+        if last is not None and time.time() - last < ACTIVE_WINDOW_SECONDS:
             return self._idle_min
         # The exponent is capped: a shard idle for hours must not overflow a float.
         return float(min(self._idle_max, self._idle_min * 2 ** min(reader.empty_polls - 1, 32)))
@@ -194,6 +192,5 @@ class PollScheduler:
             return
         last = page.records[-1]["dynamodb"]
         progress.last_records_at = now
-        progress.records_seen_at = time.monotonic()
         progress.last_record_created = _epoch(last.get("ApproximateCreationDateTime"))
         progress.last_sequence_read = last["SequenceNumber"]

@@ -48,7 +48,7 @@ def test_a_full_page_is_followed_at_once_and_a_partial_one_after_the_minimum() -
 
 def test_an_empty_poll_on_a_recently_active_shard_keeps_the_fast_pace() -> None:
     scheduler, reader = _scheduler(), _reader()
-    scheduler.progress["shardId-1"] = ShardProgress("shardId-1", records_seen_at=time.monotonic() - 5)
+    scheduler.progress["shardId-1"] = ShardProgress("shardId-1", last_records_at=time.time() - 5)
     reader.empty_polls = 40
     assert scheduler.next_delay(reader, _records(0)) == 0.25
 
@@ -56,7 +56,7 @@ def test_an_empty_poll_on_a_recently_active_shard_keeps_the_fast_pace() -> None:
 def test_a_quiet_shard_backs_off_exponentially_to_the_ceiling() -> None:
     scheduler, reader = _scheduler(), _reader()
     scheduler.progress["shardId-1"] = ShardProgress(
-        "shardId-1", records_seen_at=time.monotonic() - ACTIVE_WINDOW_SECONDS - 1
+        "shardId-1", last_records_at=time.time() - ACTIVE_WINDOW_SECONDS - 1
     )
     delays = []
     for empty in range(1, 9):
