@@ -9,6 +9,10 @@ unmarshalling is most of what a record costs, and the paths that carry the most 
 `dynamodb_json` encoding, `dynamodb`-format messages, dead letters) write the typed form from `raw` and never read
 the images at all. Keys are small and read by almost everything (FIFO group ids, summaries, filters), so they are
 unmarshalled at once.
+
+Records decoded by `pipeline.wire` go one step further: their images are not even parsed. `WireRecord` is the
+stream record as a read-only mapping whose images are still the JSON text the service sent; an image is parsed
+when something reads it, and the archive copies the text as it is.
 """
 
 from __future__ import annotations
@@ -128,10 +132,16 @@ class LazyImage(Mapping[str, Any]):
     was read from the stream.
     """
 
-    __slots__ = ("_event_id", "_name", "_typed", "_values")
+    __slots__ = ("_event_id", "_name", "_text", "_typed", "_values")
 
-    def __init__(self, typed: Mapping[str, Any], event_id: str = "", name: str = "image") -> None:
-        self._typed = typed
+    def __init__(self, typed: Mapping[str, Any] | bytes, event_id: str = "", name: str = "image") -> None:
+        # Either the typed mapping, or its JSON text as the service sent it (parsed on first use).
+        self._typed: Mapping[str, Any] | None = None
+        self._text: bytes | None = None
+        if isinstance(typed, bytes):
+            self._text = typed
+        else:
+            self._typed = typed
         self._values: dict[str, Any] | None = None
         # Only for the error message; kept apart so that building a record formats no text.
         self._event_id = event_id
@@ -140,17 +150,40 @@ class LazyImage(Mapping[str, Any]):
     @property
     def typed(self) -> Mapping[str, Any]:
         """The image in DynamoDB JSON, as the stream delivered it (the same object as in `ChangeRecord.raw`)."""
-        return self._typed
+        typed = self._typed
+        if typed is not None:
+            return typed
+        try:
+            parsed = orjson.loads(self._text or b"")
+        except orjson.JSONDecodeError as exc:
+            raise UnmarshalError(f"{self._where()}: {exc}") from exc
+        if not isinstance(parsed, dict):
+            raise UnmarshalError(f"{self._where()}: an image is a JSON object, got {type(parsed).__name__}")
+        with _FIRST_USE:  # one parsed object for every reader, as for the unmarshalled values below
+            typed = self._typed
+            if typed is None:
+                typed = self._typed = parsed
+        return typed
+
+    @property
+    def typed_json(self) -> bytes:
+        """The image as DynamoDB JSON text: the service's own text when there is one, else `typed` encoded."""
+        if self._text is not None:
+            return self._text
+        return to_json_bytes(self.typed)
+
+    def _where(self) -> str:
+        return f"{self._name} of record {self._event_id}" if self._event_id else self._name
 
     def _unmarshalled(self) -> dict[str, Any]:
         values = self._values
         if values is not None:
             return values
+        typed = self.typed
         try:
-            unmarshalled = unmarshal_image(self._typed)
+            unmarshalled = unmarshal_image(typed)
         except Exception as exc:  # a bad number, bad base64 or a wrong shape is as unreadable as a bad tag
-            where = f"{self._name} of record {self._event_id}" if self._event_id else self._name
-            raise UnmarshalError(f"{where}: {type(exc).__name__}: {exc}") from exc
+            raise UnmarshalError(f"{self._where()}: {type(exc).__name__}: {exc}") from exc
         # The first result wins, so every reader (on any thread) sees the same value objects: a transform's
         # "passed on unchanged" test is by identity.
         with _FIRST_USE:
@@ -208,6 +241,159 @@ class LazyImage(Mapping[str, Any]):
         except UnmarshalError as error:
             # repr must not raise: records are logged, and this is the record the log is about.
             return f"<{type(self).__name__} unreadable: {error}>"
+
+
+_ABSENT: Any = object()
+
+
+class WireStreamRecord(Mapping[str, Any]):
+    """The `dynamodb` part of a `WireRecord`: a read-only mapping with the keys GetRecords sent.
+
+    Reading `SequenceNumber` or `SizeBytes` (as the reader does for every record) parses nothing; reading an image
+    parses that image's text once, and the result is the object the record's `LazyImage.typed` also returns.
+    """
+
+    # Not `keys`: that is Mapping.keys().
+    __slots__ = ("creation_time", "key_image", "new_image", "old_image", "sequence_number", "size_bytes", "view_type")
+
+    def __init__(
+        self,
+        *,
+        sequence_number: str,
+        creation_time: float,
+        key_image: LazyImage,
+        new_image: LazyImage | None = None,
+        old_image: LazyImage | None = None,
+        size_bytes: int | None = None,
+        view_type: str | None = None,
+    ) -> None:
+        self.sequence_number = sequence_number
+        self.creation_time = creation_time
+        self.key_image = key_image
+        self.new_image = new_image
+        self.old_image = old_image
+        self.size_bytes = size_bytes
+        self.view_type = view_type
+
+    def _value(self, name: str) -> Any:
+        if name == "SequenceNumber":
+            return self.sequence_number
+        if name == "SizeBytes":
+            return _ABSENT if self.size_bytes is None else self.size_bytes
+        if name == "ApproximateCreationDateTime":
+            return self.creation_time
+        if name == "Keys":
+            return self.key_image.typed
+        if name == "NewImage":
+            return _ABSENT if self.new_image is None else self.new_image.typed
+        if name == "OldImage":
+            return _ABSENT if self.old_image is None else self.old_image.typed
+        if name == "StreamViewType":
+            return _ABSENT if self.view_type is None else self.view_type
+        return _ABSENT
+
+    def __getitem__(self, name: str) -> Any:
+        value = self._value(name)
+        if value is _ABSENT:
+            raise KeyError(name)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        # GetRecords' own order.
+        yield "ApproximateCreationDateTime"
+        yield "Keys"
+        if self.new_image is not None:
+            yield "NewImage"
+        if self.old_image is not None:
+            yield "OldImage"
+        yield "SequenceNumber"
+        if self.size_bytes is not None:
+            yield "SizeBytes"
+        if self.view_type is not None:
+            yield "StreamViewType"
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def image_json(self, name: str) -> bytes | None:
+        """`Keys`, `NewImage` or `OldImage` as DynamoDB JSON text, without parsing it; None when absent."""
+        image = self.key_image if name == "Keys" else self.new_image if name == "NewImage" else self.old_image
+        return None if image is None else image.typed_json
+
+    def to_json_value(self) -> dict[str, Any]:
+        """This mapping for orjson, the images as their text (orjson.Fragment): encoding parses nothing."""
+        out: dict[str, Any] = {}
+        for name in self:
+            if name in ("Keys", "NewImage", "OldImage"):
+                out[name] = orjson.Fragment(self.image_json(name) or b"null")
+            else:
+                out[name] = self._value(name)
+        return out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({dict(self)!r})"
+
+
+class WireRecord(Mapping[str, Any]):
+    """One element of GetRecords' `Records` as `pipeline.wire` decoded it: a read-only mapping equal to the dict
+    a JSON parser would give (binary as base64 text, the creation time as epoch seconds), built without parsing
+    the images."""
+
+    __slots__ = ("aws_region", "dynamodb", "event_id", "event_name", "event_source", "event_version", "user_identity")
+
+    def __init__(
+        self,
+        *,
+        event_id: str,
+        event_name: str,
+        dynamodb: WireStreamRecord,
+        event_version: str | None = None,
+        event_source: str | None = None,
+        aws_region: str | None = None,
+        user_identity: dict[str, str] | None = None,
+    ) -> None:
+        self.event_id = event_id
+        self.event_name = event_name
+        self.dynamodb = dynamodb
+        self.event_version = event_version
+        self.event_source = event_source
+        self.aws_region = aws_region
+        self.user_identity = user_identity
+
+    def _value(self, name: str) -> Any:
+        if name == "dynamodb":
+            return self.dynamodb
+        if name == "eventID":
+            return self.event_id
+        if name == "eventName":
+            return self.event_name
+        value = {
+            "eventVersion": self.event_version,
+            "eventSource": self.event_source,
+            "awsRegion": self.aws_region,
+            "userIdentity": self.user_identity,
+        }.get(name)
+        return _ABSENT if value is None else value
+
+    def __getitem__(self, name: str) -> Any:
+        value = self._value(name)
+        if value is _ABSENT:
+            raise KeyError(name)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        for name in ("eventID", "eventName", "eventVersion", "eventSource", "awsRegion", "dynamodb", "userIdentity"):
+            if self._value(name) is not _ABSENT:
+                yield name
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def to_json_value(self) -> dict[str, Any]:
+        return {name: self._value(name) for name in self}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({dict(self)!r})"
 
 
 def _as_bytes(payload: Any) -> bytes:
@@ -272,6 +458,8 @@ def _as_utc(value: Any) -> datetime:
 
 def change_record_from_stream(raw: Mapping[str, Any], *, table: str, shard_id: str) -> ChangeRecord:
     """Build a ChangeRecord from one element of GetRecords' `Records` list."""
+    if type(raw) is WireRecord:
+        return _change_record_from_wire(raw, table, shard_id)
     ddb = raw["dynamodb"]
     new_image = ddb.get("NewImage")
     old_image = ddb.get("OldImage")
@@ -295,12 +483,35 @@ def change_record_from_stream(raw: Mapping[str, Any], *, table: str, shard_id: s
     )
 
 
+def _change_record_from_wire(raw: WireRecord, table: str, shard_id: str) -> ChangeRecord:
+    stream = raw.dynamodb
+    identity = raw.user_identity
+    return ChangeRecord(
+        event_id=raw.event_id,
+        event_name=raw.event_name,  # type: ignore[arg-type]  # as unchecked as the dict path's
+        table=table,
+        shard_id=shard_id,
+        sequence_number=stream.sequence_number,
+        approximate_creation_time=datetime.fromtimestamp(stream.creation_time, UTC),
+        keys=unmarshal_image(stream.key_image.typed),
+        new_image=stream.new_image,
+        old_image=stream.old_image,
+        size_bytes=stream.size_bytes or 0,
+        user_identity=None
+        if identity is None
+        else UserIdentity(type=identity["Type"], principal_id=identity["PrincipalId"]),
+        raw=raw,
+    )
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, Decimal):
         # The exact digits, as a JSON number token: no float ever sees them.
         return orjson.Fragment(str(value))
     if isinstance(value, LazyImage):
         return value._unmarshalled()
+    if isinstance(value, WireRecord | WireStreamRecord):
+        return value.to_json_value()
     if isinstance(value, bytes | bytearray | memoryview):
         return base64.b64encode(bytes(value)).decode("ascii")
     if isinstance(value, frozenset | set):

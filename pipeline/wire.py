@@ -1,28 +1,110 @@
-"""GetRecords bodies parsed by orjson instead of botocore's shape walker.
+"""GetRecords bodies decoded by msgspec into `WireRecord`s instead of by botocore's shape walker.
 
 botocore parses a response value by value in Python against the service model. For a GetRecords page of
-1000 NEW_AND_OLD_IMAGES records that is about half a second of CPU, ten times what parsing the JSON costs, and
-most of what it does (blobs to bytes, the timestamp to a datetime) the pipeline undoes again for the archive.
+1000 NEW_AND_OLD_IMAGES records that is about half a second of CPU, and most of what it does (blobs to bytes,
+the timestamp to a datetime) the pipeline undoes again for the archive. Even `orjson.loads` of the body builds a
+dict for every attribute of every image, which most records never need: the archive's default encoding writes
+the images as the service sent them.
 
-`parse_get_records` runs on botocore's `before-parse` event. For a 2xx response it parses the body with orjson,
-hands `Records` and `NextShardIterator` over through `customized_response_dict` (botocore merges that into its
-parsed response) and gives botocore's parser the body without them. Everything else stays botocore's:
-signing, `ResponseMetadata`, and every non-2xx response, which is left untouched so error codes
-parse exactly as before.
+`parse_get_records` runs on botocore's `before-parse` event. For a 2xx response it decodes the body with msgspec
+against the GetRecords shape, keeping each image as the span of JSON text it occupies in the body (`msgspec.Raw`):
+the images are checked to be well-formed JSON but not turned into objects. The records reach the caller through
+`customized_response_dict` (botocore merges that into its parsed response) as `WireRecord`s, read-only mappings
+equal to the parsed JSON, and botocore's parser gets the body without them. Everything else stays botocore's:
+signing, `ResponseMetadata`, and every non-2xx response, which is left untouched so error codes parse exactly
+as before.
 
-The records then stay in wire form: binary as base64 text, `ApproximateCreationDateTime` as epoch seconds,
-numbers as the digit strings they always were. `pipeline.records` accepts both forms and builds the same
-ChangeRecord from either; `ChangeRecord.raw` is the wire form, as a Lambda consumer would see it.
+A body msgspec does not accept (a field this module does not know, say one the service adds later) is parsed
+with `orjson.loads` instead, so that no field is dropped; the records are then plain dicts, and
+`pipeline.records` builds the same ChangeRecord from either. Either way the records stay in wire form: binary as
+base64 text, `ApproximateCreationDateTime` as epoch seconds, numbers as the digit strings they always were.
+`ChangeRecord.raw` is that wire form, as a Lambda consumer would see it.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import msgspec
 import orjson
+
+from pipeline.records import LazyImage, WireRecord, WireStreamRecord
+
+log = logging.getLogger(__name__)
 
 GET_RECORDS_EVENT = "before-parse.dynamodb-streams.GetRecords"
 _HANDLER_ID = "streamsink.wire.parse_get_records"
+
+_Unset = msgspec.UnsetType
+_UNSET = msgspec.UNSET
+
+
+# The GetRecords shape. Unknown fields are refused rather than ignored, so that a record with more than this
+# knows of goes the general way with nothing dropped.
+class _Identity(msgspec.Struct, forbid_unknown_fields=True):
+    Type: str
+    PrincipalId: str
+
+
+class _StreamRecord(msgspec.Struct, forbid_unknown_fields=True):
+    SequenceNumber: str
+    ApproximateCreationDateTime: float
+    Keys: msgspec.Raw
+    NewImage: msgspec.Raw | _Unset = _UNSET
+    OldImage: msgspec.Raw | _Unset = _UNSET
+    SizeBytes: int | _Unset = _UNSET
+    StreamViewType: str | _Unset = _UNSET
+
+
+class _Record(msgspec.Struct, forbid_unknown_fields=True):
+    eventID: str
+    eventName: str
+    dynamodb: _StreamRecord
+    eventVersion: str | _Unset = _UNSET
+    eventSource: str | _Unset = _UNSET
+    awsRegion: str | _Unset = _UNSET
+    userIdentity: _Identity | _Unset = _UNSET
+
+
+class _Page(msgspec.Struct, forbid_unknown_fields=True):
+    Records: list[_Record] = msgspec.field(default_factory=list)
+    NextShardIterator: str | _Unset | None = _UNSET
+
+
+_PAGE_DECODER = msgspec.json.Decoder(_Page)
+_general_parse_logged = False
+
+
+def _image(raw: msgspec.Raw | _Unset, event_id: str, name: str) -> LazyImage | None:
+    if raw is _UNSET:
+        return None
+    return LazyImage(bytes(raw), event_id, name)
+
+
+def _wire_record(record: _Record) -> WireRecord:
+    stream = record.dynamodb
+    event_id = record.eventID
+    identity = record.userIdentity
+    return WireRecord(
+        event_id=event_id,
+        event_name=record.eventName,
+        dynamodb=WireStreamRecord(
+            sequence_number=stream.SequenceNumber,
+            creation_time=stream.ApproximateCreationDateTime,
+            key_image=LazyImage(bytes(stream.Keys), event_id, "Keys"),
+            new_image=_image(stream.NewImage, event_id, "NewImage"),
+            old_image=_image(stream.OldImage, event_id, "OldImage"),
+            size_bytes=None if stream.SizeBytes is _UNSET else stream.SizeBytes,
+            view_type=None if stream.StreamViewType is _UNSET else stream.StreamViewType,
+        ),
+        event_version=None if record.eventVersion is _UNSET else record.eventVersion,
+        event_source=None if record.eventSource is _UNSET else record.eventSource,
+        aws_region=None if record.awsRegion is _UNSET else record.awsRegion,
+        user_identity=None
+        if isinstance(identity, _Unset)
+        else {"PrincipalId": identity.PrincipalId, "Type": identity.Type},
+    )
 
 
 def parse_get_records(response_dict: dict[str, Any], customized_response_dict: dict[str, Any], **_: Any) -> None:
@@ -33,16 +115,38 @@ def parse_get_records(response_dict: dict[str, Any], customized_response_dict: d
     if not isinstance(body, bytes | bytearray) or not body:
         return
     try:
+        page = _PAGE_DECODER.decode(body)
+    except msgspec.DecodeError as error:
+        _parse_general(response_dict, customized_response_dict, body, error)
+        return
+    customized_response_dict["Records"] = [_wire_record(record) for record in page.Records]
+    if isinstance(page.NextShardIterator, str):
+        customized_response_dict["NextShardIterator"] = page.NextShardIterator
+        response_dict["body"] = b"{}"
+    else:
+        # null or absent (a closed shard's last page): botocore says so its own way.
+        response_dict["body"] = orjson.dumps({} if page.NextShardIterator is _UNSET else {"NextShardIterator": None})
+
+
+def _parse_general(
+    response_dict: dict[str, Any], customized_response_dict: dict[str, Any], body: bytes | bytearray, why: Exception
+) -> None:
+    """orjson.loads of the whole body: every field kept, every image parsed."""
+    try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
         return  # botocore's parser reports a malformed body its own way
     if not isinstance(parsed, dict) or not isinstance(parsed.get("Records", []), list):
         return
+    global _general_parse_logged
+    if not _general_parse_logged:
+        _general_parse_logged = True
+        log.info("GetRecords: %s; such pages are parsed in full (slower, nothing dropped)", why)
     if "Records" in parsed:
         customized_response_dict["Records"] = parsed.pop("Records")
     if isinstance(parsed.get("NextShardIterator"), str):
         customized_response_dict["NextShardIterator"] = parsed.pop("NextShardIterator")
-    # Whatever else the body holds (nothing, today) is still botocore's to parse.
+    # Whatever else the body holds is still botocore's to parse.
     response_dict["body"] = orjson.dumps(parsed)
 
 

@@ -7,16 +7,17 @@ object instead of adding a duplicate.
 
 Images are stored as `dynamodb_json` by default: the typed form exactly as the stream delivered it, which is also
 the format of DynamoDB's own export to S3. It is lossless (an `N` keeps its digit string, `B` stays base64 and
-apart from `S`, a set stays apart from a list) and it is the cheap path: each image is one `orjson.dumps` of the
-record's `raw` stream record, and the record's lazily unmarshalled images are never touched. `json` (plain JSON,
-numbers exact) is easier to query but has to unmarshal every value and encode it back: from GetRecords bytes to
-Parquet bytes it costs about twice the CPU of `dynamodb_json` (bench/README.md).
+apart from `S`, a set stays apart from a list) and it is the cheap path: a record read through `pipeline.wire`
+still holds each image as the JSON text the service sent, and that text is copied into the column unparsed (a
+record from elsewhere, or one a transform changed, has its typed images encoded with `orjson.dumps`). `json`
+(plain JSON, numbers exact) is easier to query but has to parse and unmarshal every value and encode it back:
+from GetRecords bytes to Parquet bytes it costs about five times the CPU of `dynamodb_json` (bench/README.md).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -25,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
-from pipeline.records import Batch, ChangeRecord, to_json_bytes
+from pipeline.records import Batch, ChangeRecord, WireStreamRecord, to_json_bytes
 from sinks.base import PermanentSinkError, RetryableSinkError, Sink, SinkSettings, WriteResult
 
 ARCHIVE_SCHEMA = pa.schema(
@@ -63,8 +64,8 @@ class S3ParquetSinkSettings(SinkSettings):
         'typed form exactly as the stream delivers it, as in DynamoDB\'s own export to S3 ({"n": {"N": "1.5"}}); '
         "lossless (N digits kept, B apart from S, sets apart from lists) and written straight from the stream "
         "record, without unmarshalling. 'json': plain JSON ({\"n\": 1.5}), numbers exact, binary as base64, sets "
-        "as sorted arrays; easier to query, but B reads like S and a set like a list, and it costs about twice "
-        "the CPU per record.",
+        "as sorted arrays; easier to query, but B reads like S and a set like a list, and it costs about five "
+        "times the CPU per record.",
     )
     buffer_max_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024)
     buffer_max_seconds: float = Field(default=60.0, ge=0.0, le=900.0)
@@ -80,16 +81,23 @@ def _json_or_none(value: Any) -> bytes | None:
     return None if value is None else to_json_bytes(value)
 
 
+def _typed_json(stream: Mapping[str, Any], name: str) -> bytes | None:
+    if type(stream) is WireStreamRecord:
+        return stream.image_json(name)
+    return _json_or_none(stream.get(name))
+
+
 def archive_table(records: Sequence[ChangeRecord], encoding: ImageEncoding = "dynamodb_json") -> pa.Table:
     """The archive rows for `records`, in order."""
     # JSON goes from orjson to Arrow as UTF-8 bytes: no decoding to str for Arrow to encode again.
     if encoding == "dynamodb_json":
         # From the stream record, never the images: reading those would unmarshal them. Wire records (base64
         # text) and boto3's (bytes, encoded back to base64 by to_json_bytes) give the same text.
+        # A record straight from pipeline.wire still holds each image as the service's text, copied as it is.
         streams = [r.raw["dynamodb"] for r in records]
-        keys = [to_json_bytes(s.get("Keys", {})) for s in streams]
-        new_images = [_json_or_none(s.get("NewImage")) for s in streams]
-        old_images = [_json_or_none(s.get("OldImage")) for s in streams]
+        keys = [_typed_json(s, "Keys") or b"{}" for s in streams]
+        new_images = [_typed_json(s, "NewImage") for s in streams]
+        old_images = [_typed_json(s, "OldImage") for s in streams]
     else:
         keys = [to_json_bytes(r.keys) for r in records]
         new_images = [_json_or_none(r.new_image) for r in records]
