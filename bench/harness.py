@@ -520,6 +520,8 @@ class ObservedSink(Sink):
         self.inner = inner
         self.taken = 0
         self.latencies: list[float] = []
+        # The first change each shard delivers: it may have found the shard backed off (idle before the writes).
+        self.first_by_shard: dict[str, tuple[float, float]] = {}
 
     def open(self) -> None:
         if self.inner is not None:
@@ -532,7 +534,11 @@ class ObservedSink(Sink):
         for record in batch.records:
             written = record.new_image.get("written_at") if record.new_image is not None else None
             if written is not None and record.event_id not in result.failed:
-                self.latencies.append(now - float(written))
+                latency = now - float(written)
+                self.latencies.append(latency)
+                first = self.first_by_shard.get(record.shard_id)
+                if first is None or float(written) < first[0]:
+                    self.first_by_shard[record.shard_id] = (float(written), latency)
         return result
 
     def flush_due(self, now: float) -> bool:
@@ -794,6 +800,7 @@ def _child_main() -> None:
         samples={group: dict(labels) for group, labels in (sampler.samples.items() if sampler else ())},
         sampler_cpu_seconds=0.0 if sampler is None else sampler.own_cpu_seconds,
         latencies=latencies,
+        first_latencies=sorted(latency for _, latency in sink.first_by_shard.values()),
     )
 
 

@@ -2,7 +2,7 @@
 
 Both parts run the pipeline in a child process with the reader and batch settings left at their defaults
 (pipeline/settings.py: `idle_poll_min_seconds` 0.25 doubling to `idle_poll_max_seconds` 10, `max_wait_seconds`
-1.0, `max_records` 1000), the archive sink writing to a moto S3 and checkpoints in moto DynamoDB, reading a
+0.5, `max_records` 1000), the archive sink writing to a moto S3 and checkpoints in moto DynamoDB, reading a
 simulated stream over HTTP from this process.
 
 Latency: a writer thread here puts items at a steady rate into a stream of `--active-shards` shards, each item
@@ -10,6 +10,11 @@ stamped with the wall clock at the write (`written_at`; the simulator's Approxim
 seconds, too coarse). The child's sink wrapper records, for every item it is given, now - `written_at` when the
 archive sink's `write()` returns: when the sink has taken it (the archive makes it durable at its next flush,
 every 60 s by default; the checkpoint follows that). Several rates show how the idle back-off adds to it.
+
+The goal is for active shards, so each shard's first change is reported apart: the shards sit idle from the
+child's start until the writes begin, and that first change can find its shard backed off by up to
+`idle_poll_max_seconds`. That is the price of polling an idle shard six times a minute rather than 240; the
+"all p99" column includes it.
 
 Polling cost: `--idle-shards` shards and no writes. After the back-off has reached its ceiling, the simulator's
 request log gives GetRecords calls per shard per minute, against AWS Lambda's event source mapping, which polls
@@ -56,8 +61,17 @@ class LatencyRun:
     shards: int
     written: int
     latencies: list[float]
+    first_latencies: list[float]
     done: dict[str, Any]
     polls: PollFigures
+
+    @property
+    def active_latencies(self) -> list[float]:
+        """Every change but each shard's first: that one can find its shard backed off from before the writes."""
+        rest = list(self.latencies)
+        for first in self.first_latencies:
+            rest.remove(first)
+        return rest
 
 
 @dataclass(frozen=True)
@@ -91,7 +105,9 @@ def measure_latency(moto: MotoServer, shards: int, writes_per_second: float, sec
         polls = poll_figures(
             host.events, stream.open_shard_ids(), started=started["t"], steady_from=started["t"], ended=time.time()
         )
-    return LatencyRun(writes_per_second, shards, trickle.written, list(done["latencies"]), done, polls)
+    return LatencyRun(
+        writes_per_second, shards, trickle.written, list(done["latencies"]), list(done["first_latencies"]), done, polls
+    )
 
 
 def measure_idle(moto: MotoServer, shards: int, window_seconds: float) -> IdleRun:
@@ -117,7 +133,7 @@ def report(latency: list[LatencyRun], idle: IdleRun, args: argparse.Namespace) -
     reader, batch = ReaderSettings(), BatchSettings()
     rows = []
     for run in latency:
-        values = run.latencies
+        values = run.active_latencies
         p50, p99 = percentile(values, 50), percentile(values, 99)
         rows.append(
             [
@@ -130,6 +146,8 @@ def report(latency: list[LatencyRun], idle: IdleRun, args: argparse.Namespace) -
                 f"{p99:.2f}",
                 f"{max(values) if values else float('nan'):.2f}",
                 "met" if p50 < GOAL_P50 and p99 < GOAL_P99 else "missed",
+                f"{max(run.first_latencies) if run.first_latencies else float('nan'):.2f}",
+                f"{percentile(run.latencies, 99):.2f}",
                 f"{run.polls.per_shard_per_minute:.0f}",
             ]
         )
@@ -153,11 +171,17 @@ def report(latency: list[LatencyRun], idle: IdleRun, args: argparse.Namespace) -
                     "p99 s",
                     "max s",
                     "goal",
+                    "first/shard max s",
+                    "all p99 s",
                     "GetRecords/shard/min",
                 ],
                 rows,
             ),
             "latency: from the writer's clock at the write to the archive sink's write() returning with the record",
+            "p10-max and goal: changes on active shards, i.e. every change but each shard's first; first/shard: the "
+            "first change of each shard, which",
+            "  can find the shard backed off from the idle time before the writes began (up to "
+            "idle_poll_max_seconds); all p99: every change",
             "",
             f"idle polling: {idle.shards} shards, no writes, counted over {idle.window_seconds:.0f} s after "
             f"{WARM_UP_SECONDS:.0f} s of back-off:",
@@ -210,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         for rate in args.rates:
             latency.append(measure_latency(moto, args.active_shards, rate, args.seconds))
             run = latency[-1]
-            print(f"... {rate:g} writes/s: p50 {percentile(run.latencies, 50):.2f} s", file=sys.stderr)
+            print(f"... {rate:g} writes/s: p50 {percentile(run.active_latencies, 50):.2f} s", file=sys.stderr)
         idle = measure_idle(moto, args.idle_shards, args.idle_seconds)
     print(report(latency, idle, args))
 

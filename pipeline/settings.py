@@ -72,7 +72,7 @@ class BatchSettings(BaseModel):
 
     max_records: int = Field(default=1000, ge=1, le=100_000)
     max_bytes: int = Field(default=4_000_000, ge=1024, le=256 * 1024 * 1024)
-    max_wait_seconds: float = Field(default=1.0, gt=0.0, le=300.0)
+    max_wait_seconds: float = Field(default=0.5, gt=0.0, le=300.0)
     queue_capacity: int = Field(default=10_000, ge=1, description="Records the queue holds before readers wait.")
     queue_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="Bytes, likewise.")
 
