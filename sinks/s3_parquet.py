@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -49,6 +51,12 @@ ARCHIVE_SCHEMA = pa.schema(
 )
 
 ImageEncoding = Literal["json", "dynamodb_json"]
+
+# Objects a flush uploads at once: one per (hour, shard) with records, so a flush after a busy minute on many
+# shards is many objects, each a round trip or several.
+UPLOAD_THREADS = 8
+_HOUR = timedelta(hours=1)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class S3ParquetSinkSettings(SinkSettings):
@@ -123,6 +131,30 @@ def archive_table(records: Sequence[ChangeRecord], encoding: ImageEncoding = "dy
     return pa.table(columns, schema=ARCHIVE_SCHEMA)
 
 
+def _runs_by_part(records: Sequence[ChangeRecord]) -> dict[tuple[str, str], list[tuple[int, int]]]:
+    """(partition, shard) -> the [start, end) runs of `records` that belong to it, in order.
+
+    A batch is a few long runs (pages of one shard, mostly within one hour), so the partition is formatted once a
+    run rather than once a record: a record costs a shard comparison and two datetime comparisons.
+    """
+    runs: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    key: tuple[str, str] | None = None
+    start = 0
+    hour_start = hour_end = _EPOCH
+    for index, record in enumerate(records):
+        t = record.approximate_creation_time
+        if key is not None and record.shard_id == key[1] and hour_start <= t < hour_end:
+            continue
+        if key is not None:
+            runs.setdefault(key, []).append((start, index))
+        key, start = (partition_of(record), record.shard_id), index
+        hour_start = t.replace(minute=0, second=0, microsecond=0)
+        hour_end = hour_start + _HOUR
+    if key is not None:
+        runs.setdefault(key, []).append((start, len(records)))
+    return runs
+
+
 def partition_of(record: ChangeRecord) -> str:
     t = record.approximate_creation_time
     return f"dt={t:%Y-%m-%d}/hour={t:%H}"
@@ -158,6 +190,7 @@ class S3ParquetSink(Sink):
         self._parts: dict[tuple[str, str], _PartBuffer] = {}
         self._buffered_bytes = 0
         self._oldest: float | None = None
+        self._uploads: ThreadPoolExecutor | None = None
         self.objects_written: list[str] = []
 
     def open(self) -> None:
@@ -181,19 +214,18 @@ class S3ParquetSink(Sink):
                 )
 
     def write(self, batch: Batch) -> WriteResult:
-        if not batch.records:
+        records = batch.records
+        if not records:
             return WriteResult()
-        table = archive_table(batch.records, self._settings.image_encoding)
-        groups: dict[tuple[str, str], list[int]] = {}
-        for index, record in enumerate(batch.records):
-            groups.setdefault((partition_of(record), record.shard_id), []).append(index)
-        for key, indices in groups.items():
+        table = archive_table(records, self._settings.image_encoding)
+        for key, runs in _runs_by_part(records).items():
             part = self._parts.setdefault(key, _PartBuffer())
-            rows = table.take(pa.array(indices, pa.int64())) if len(indices) != len(batch.records) else table
-            part.tables.append(rows)
-            part.first_sequence = part.first_sequence or batch.records[indices[0]].sequence_number
-            part.last_sequence = batch.records[indices[-1]].sequence_number
-            self._buffered_bytes += rows.nbytes
+            # Slices share the batch table's buffers: buffering a run copies nothing.
+            slices = [table.slice(start, end - start) for start, end in runs]
+            part.tables.extend(slices)
+            part.first_sequence = part.first_sequence or records[runs[0][0]].sequence_number
+            part.last_sequence = records[runs[-1][1] - 1].sequence_number
+            self._buffered_bytes += sum(rows.nbytes for rows in slices)
         if self._oldest is None:
             self._oldest = time.monotonic()
         return WriteResult()
@@ -207,21 +239,42 @@ class S3ParquetSink(Sink):
         )
 
     def flush(self) -> None:
-        compression = None if self._settings.compression == "none" else self._settings.compression
-        # Write part by part and forget each once written: a retry after a failure writes only what is left.
-        for key in list(self._parts):
-            partition, shard_id = key
-            part = self._parts[key]
-            path = f"{self._settings.bucket}/" + object_key(
-                self._settings.prefix, partition, shard_id, part.first_sequence, part.last_sequence
-            )
-            table = pa.concat_tables(part.tables)
-            with _mapped_errors(f"s3://{path}"):
-                pq.write_table(table, path, filesystem=self._fs, compression=compression)
-            self.objects_written.append(path)
-            self._buffered_bytes -= sum(t.nbytes for t in part.tables)
+        """Write every buffered part, several at once; each part is forgotten once written, so a retry after a
+        failure writes only what is left."""
+        if not self._parts:
+            self._oldest = None
+            return
+        if self._uploads is None:
+            self._uploads = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix=f"{self.name}-upload")
+        pending = {self._uploads.submit(self._upload, key, part): key for key, part in self._parts.items()}
+        errors: list[BaseException] = []
+        for future in as_completed(pending):
+            key = pending[future]
+            error = future.exception()
+            if error is not None:
+                errors.append(error)
+                continue
+            self.objects_written.append(future.result())
+            self._buffered_bytes -= sum(t.nbytes for t in self._parts[key].tables)
             del self._parts[key]
+        if errors:
+            raise errors[0]
         self._oldest = None
+
+    def _upload(self, key: tuple[str, str], part: _PartBuffer) -> str:
+        partition, shard_id = key
+        path = f"{self._settings.bucket}/" + object_key(
+            self._settings.prefix, partition, shard_id, part.first_sequence, part.last_sequence
+        )
+        compression = None if self._settings.compression == "none" else self._settings.compression
+        with _mapped_errors(f"s3://{path}"):
+            pq.write_table(pa.concat_tables(part.tables), path, filesystem=self._fs, compression=compression)
+        return path
+
+    def close(self) -> None:
+        if self._uploads is not None:
+            self._uploads.shutdown(wait=True)
+            self._uploads = None
 
     @property
     def buffered_bytes(self) -> int:
