@@ -27,6 +27,12 @@ OnTrimmedData = Literal["fail", "skip_to_trim_horizon"]
 # Per-record allowance on top of the item size the stream reports, for the envelope (ids, names, numbers).
 RECORD_OVERHEAD_BYTES = 256
 
+# GetRecords returns at most 1000 records or 1 MB, whichever comes first. A page of full-size items (1.7 KB each,
+# twice that on the wire with both images) reaches the 1 MB cap at about 600 records, well short of the record
+# limit; a body past half the cap most likely stopped there because the next record did not fit. Polling again
+# at once costs one call if that guess is wrong, and saves a pause per page on a shard with a backlog.
+AT_CAP_BODY_BYTES = 512 * 1024
+
 
 class TrimmedDataError(Exception):
     """Records this consumer needed are older than the stream's retention: they are gone."""
@@ -57,6 +63,8 @@ class ShardPage:
     records: tuple[dict[str, Any], ...]
     size_bytes: int
     end_of_shard: bool
+    at_limit: bool = False
+    """The page stopped at GetRecords' record limit or near its 1 MB cap: more records are probably waiting."""
 
 
 class ShardReader:
@@ -160,7 +168,8 @@ class ShardReader:
             self.empty_polls += 1
         self.finished = self._iterator is None
         size = sum(int(r["dynamodb"].get("SizeBytes", 0)) + RECORD_OVERHEAD_BYTES for r in records)
-        return ShardPage(self.shard_id, records, size, end_of_shard=self.finished)
+        at_limit = len(records) >= self.limit or _body_bytes(response) >= AT_CAP_BODY_BYTES
+        return ShardPage(self.shard_id, records, size, end_of_shard=self.finished, at_limit=at_limit)
 
     def _get_records(self) -> dict[str, Any]:
         """GetRecords at the current position. An iterator that expired, or that points at records trimmed since
@@ -186,6 +195,14 @@ class ShardReader:
                 replaced += 1
                 if replaced > 2:
                     raise
+
+
+def _body_bytes(response: dict[str, Any]) -> int:
+    headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+    try:
+        return int(headers.get("content-length", 0))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _error_code(exc: ClientError) -> str:

@@ -116,14 +116,15 @@ class PollScheduler:
     def next_delay(self, reader: ShardReader, page: ShardPage) -> float:
         """When to poll this shard again.
 
-        A full page means more is waiting: at once. A page with records, or an empty one on a shard that had
+        A page that stopped at a limit (`ShardPage.at_limit`: the record limit or near the 1 MB cap) means more is
+        waiting: at once. A page with records, or an empty one on a shard that had
         records in the last `ACTIVE_WINDOW_SECONDS`, means the shard is active: `idle_min` later (4 calls a
         second at the default, as a Lambda event source mapping polls), so a change made a moment after a
         poll still arrives within a fraction of a second. A shard quiet for longer backs off exponentially
         to `idle_max` (6 calls a minute at the default), where it costs little however many shards there are.
         """
         if page.records:
-            return 0.0 if len(page.records) >= reader.limit else self._idle_min
+            return 0.0 if page.at_limit else self._idle_min
         progress = self.progress.get(reader.shard_id)
         last = progress.last_records_at if progress is not None else None
         if last is not None and time.time() - last < ACTIVE_WINDOW_SECONDS:

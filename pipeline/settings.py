@@ -92,7 +92,8 @@ class ReaderSettings(BaseModel):
         default=0.25,
         ge=0.0,
         le=60.0,
-        description="Pace of a shard that had records in the last 30 s (a full page is followed at once).",
+        description="Pace of a shard that had records in the last 30 s (a page cut by the record limit or the "
+        "1 MB cap is followed at once).",
     )
     idle_poll_max_seconds: float = Field(
         default=10.0,

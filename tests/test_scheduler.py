@@ -1,14 +1,19 @@
-"""The poll pace: full pages at once, active shards four times a second, idle shards backing off to the ceiling."""
+"""The poll pace: a page cut by a limit is followed at once, active shards are polled four times a second, idle
+shards back off to the ceiling."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
+from pipeline.aws import AwsClients
+from pipeline.emulator import EmbeddedAws
 from pipeline.reader import ShardPage, ShardReader, StartPosition
 from pipeline.retry import RetryPolicy
 from pipeline.scheduler import ACTIVE_WINDOW_SECONDS, PollScheduler, ShardProgress
 from pipeline.settings import RetrySettings
+from pipeline.simulated_stream import StreamSimulator
 from pipeline.stream import ShardInfo
 from tests.factories import page, stream_record
 
@@ -36,14 +41,46 @@ def _reader(limit: int = 3) -> ShardReader:
     )
 
 
-def _records(count: int) -> ShardPage:
-    return page("shardId-1", [stream_record(sequence=n) for n in range(1, count + 1)])
+def _records(count: int, *, at_limit: bool = False) -> ShardPage:
+    return replace(page("shardId-1", [stream_record(sequence=n) for n in range(1, count + 1)]), at_limit=at_limit)
 
 
-def test_a_full_page_is_followed_at_once_and_a_partial_one_after_the_minimum() -> None:
+def test_a_page_at_its_limit_is_followed_at_once_and_any_other_after_the_minimum() -> None:
     scheduler, reader = _scheduler(), _reader(limit=3)
-    assert scheduler.next_delay(reader, _records(3)) == 0.0
+    assert scheduler.next_delay(reader, _records(3, at_limit=True)) == 0.0
+    assert scheduler.next_delay(reader, _records(1, at_limit=True)) == 0.0  # cut by the 1 MB cap
     assert scheduler.next_delay(reader, _records(1)) == 0.25
+
+
+def test_a_page_is_at_its_limit_when_cut_by_the_record_limit_or_the_size_cap(aws: EmbeddedAws) -> None:
+    """Against the simulated stream over boto3: GetRecords stops at `Limit` records or at 1 MB."""
+    simulator = StreamSimulator()
+    stream = simulator.create_stream("orders", shards=1)
+    for n in range(700):  # ~3.3 KB each on the wire: 1 MB holds about 300
+        stream.put_item({"pk": {"S": f"k{n:04d}"}, "sk": {"S": "a"}, "body": {"S": "x" * 3200}})
+    streams = AwsClients(aws.region, aws.endpoint_url).client("dynamodbstreams")
+    simulator.attach(streams)
+
+    def reader(limit: int) -> ShardReader:
+        (shard_id,) = stream.open_shard_ids()
+        return ShardReader(
+            ShardInfo(shard_id, None, "0", None),
+            stream_arn=stream.arn,
+            streams=streams,
+            retry=RetryPolicy(RetrySettings()),
+            start=StartPosition("TRIM_HORIZON"),
+            limit=limit,
+        )
+
+    by_size = reader(limit=1000)
+    pages = [by_size.poll() for _ in range(4)]
+    counts = [len(p.records) for p in pages]
+    assert sum(counts) == 700 and counts[-1] == 0 and 0 < counts[0] < 1000
+    assert [p.at_limit for p in pages] == [True, True, False, False]  # the third holds the last ~100
+
+    first = reader(limit=100).poll()  # 100 records are about 330 KB: cut by the count alone
+    assert (len(first.records), first.at_limit) == (100, True)
+    assert ShardPage("s", (), 0, False).at_limit is False
 
 
 def test_an_empty_poll_on_a_recently_active_shard_keeps_the_fast_pace() -> None:
