@@ -12,6 +12,7 @@ Records older than the stream's 24-hour retention are trimmed. Running into that
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -60,7 +61,8 @@ class ShardPage:
     """One GetRecords result for one shard, still in DynamoDB JSON; `end_of_shard` marks its last page."""
 
     shard_id: str
-    records: tuple[dict[str, Any], ...]
+    records: tuple[Mapping[str, Any], ...]
+    """GetRecords' `Records` elements: `WireRecord`s, or dicts when botocore or the general parse read the page."""
     size_bytes: int
     end_of_shard: bool
     at_limit: bool = False

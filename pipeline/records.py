@@ -126,6 +126,9 @@ _FIRST_USE = threading.Lock()
 class LazyImage(Mapping[str, Any]):
     """A read-only image, unmarshalled from its DynamoDB JSON on first access and kept.
 
+    The DynamoDB JSON is either a mapping or its text as the service sent it (records from `pipeline.wire`); text is
+    parsed on first use too, and text that is not a JSON object raises `UnmarshalError` then.
+
     It compares equal to the dict it stands for (either way round) and works wherever a mapping does: `dict(image)`,
     `{**image}`, `image.get(name)`, `image | {...}`; `to_json` writes it as that dict. A value outside the
     attribute-value grammar raises `UnmarshalError` naming the record, on first access rather than when the record
@@ -315,9 +318,13 @@ class WireStreamRecord(Mapping[str, Any]):
     def __len__(self) -> int:
         return sum(1 for _ in self)
 
+    def __contains__(self, name: object) -> bool:
+        return name in tuple(self)  # without parsing an image, as Mapping's own would
+
     def image_json(self, name: str) -> bytes | None:
         """`Keys`, `NewImage` or `OldImage` as DynamoDB JSON text, without parsing it; None when absent."""
-        image = self.key_image if name == "Keys" else self.new_image if name == "NewImage" else self.old_image
+        images = {"Keys": self.key_image, "NewImage": self.new_image, "OldImage": self.old_image}
+        image = images[name]
         return None if image is None else image.typed_json
 
     def to_json_value(self) -> dict[str, Any]:
@@ -331,7 +338,7 @@ class WireStreamRecord(Mapping[str, Any]):
         return out
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({dict(self)!r})"
+        return _wire_repr(self)
 
 
 class WireRecord(Mapping[str, Any]):
@@ -389,11 +396,19 @@ class WireRecord(Mapping[str, Any]):
     def __len__(self) -> int:
         return sum(1 for _ in self)
 
+    def __contains__(self, name: object) -> bool:
+        return name in tuple(self)
+
     def to_json_value(self) -> dict[str, Any]:
         return {name: self._value(name) for name in self}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({dict(self)!r})"
+        return _wire_repr(self)
+
+
+def _wire_repr(record: WireRecord | WireStreamRecord) -> str:
+    # From the images' text: repr must not raise, and records are logged when an image is unreadable.
+    return f"{type(record).__name__}({to_json(record)})"
 
 
 def _as_bytes(payload: Any) -> bytes:

@@ -8,17 +8,17 @@ the images as the service sent them.
 
 `parse_get_records` runs on botocore's `before-parse` event. For a 2xx response it decodes the body with msgspec
 against the GetRecords shape, keeping each image as the span of JSON text it occupies in the body (`msgspec.Raw`):
-the images are checked to be well-formed JSON but not turned into objects. The records reach the caller through
-`customized_response_dict` (botocore merges that into its parsed response) as `WireRecord`s, read-only mappings
-equal to the parsed JSON, and botocore's parser gets the body without them. Everything else stays botocore's:
-signing, `ResponseMetadata`, and every non-2xx response, which is left untouched so error codes parse exactly
-as before.
+the images are checked to be complete JSON values (and the body to be UTF-8) but not turned into objects. The
+records reach the caller through `customized_response_dict` (botocore merges that into its parsed response) as
+`WireRecord`s, read-only mappings equal to the parsed JSON, and botocore's parser gets the body without them.
+Everything else stays botocore's: signing, `ResponseMetadata`, and every non-2xx response, which is left
+untouched so error codes parse exactly as before.
 
-A body msgspec does not accept (a field this module does not know, say one the service adds later) is parsed
-with `orjson.loads` instead, so that no field is dropped; the records are then plain dicts, and
-`pipeline.records` builds the same ChangeRecord from either. Either way the records stay in wire form: binary as
-base64 text, `ApproximateCreationDateTime` as epoch seconds, numbers as the digit strings they always were.
-`ChangeRecord.raw` is that wire form, as a Lambda consumer would see it.
+A body msgspec does not accept (a field this module does not know, say one the service adds later, or an image
+that is null) is parsed with `orjson.loads` instead, so that no field is dropped; the records are then plain
+dicts, and `pipeline.records` builds the same ChangeRecord from either. Either way the records stay in wire form:
+binary as base64 text, `ApproximateCreationDateTime` as epoch seconds, numbers as the digit strings they always
+were. `ChangeRecord.raw` is that wire form, as a Lambda consumer would see it.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class _Identity(msgspec.Struct, forbid_unknown_fields=True):
 
 class _StreamRecord(msgspec.Struct, forbid_unknown_fields=True):
     SequenceNumber: str
-    ApproximateCreationDateTime: float
+    ApproximateCreationDateTime: int | float  # the service sends 1.71456789E9; moto and the simulator an int
     Keys: msgspec.Raw
     NewImage: msgspec.Raw | _Unset = _UNSET
     OldImage: msgspec.Raw | _Unset = _UNSET
@@ -76,10 +76,17 @@ _PAGE_DECODER = msgspec.json.Decoder(_Page)
 _general_parse_logged = False
 
 
+class _NotWireShaped(Exception):
+    """A value the Structs accept but a WireRecord cannot stand for as a parser's dict would."""
+
+
 def _image(raw: msgspec.Raw | _Unset, event_id: str, name: str) -> LazyImage | None:
     if raw is _UNSET:
         return None
-    return LazyImage(bytes(raw), event_id, name)
+    text = bytes(raw)
+    if text == b"null":
+        raise _NotWireShaped(f"{name} of record {event_id} is null")  # present but None: the general path says so
+    return LazyImage(text, event_id, name)
 
 
 def _wire_record(record: _Record) -> WireRecord:
@@ -115,11 +122,14 @@ def parse_get_records(response_dict: dict[str, Any], customized_response_dict: d
     if not isinstance(body, bytes | bytearray) or not body:
         return
     try:
+        # msgspec checks UTF-8 in the strings it decodes but not inside a Raw span; this is what orjson would refuse.
+        body.decode("utf-8")
         page = _PAGE_DECODER.decode(body)
-    except msgspec.DecodeError as error:
+        records = [_wire_record(record) for record in page.Records]
+    except (UnicodeDecodeError, msgspec.DecodeError, _NotWireShaped) as error:
         _parse_general(response_dict, customized_response_dict, body, error)
         return
-    customized_response_dict["Records"] = [_wire_record(record) for record in page.Records]
+    customized_response_dict["Records"] = records
     if isinstance(page.NextShardIterator, str):
         customized_response_dict["NextShardIterator"] = page.NextShardIterator
         response_dict["body"] = b"{}"

@@ -16,9 +16,10 @@ from GetRecords bytes to Parquet bytes it costs about five times the CPU of `dyn
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -30,6 +31,8 @@ from pydantic import Field, field_validator
 
 from pipeline.records import Batch, ChangeRecord, WireStreamRecord, to_json_bytes
 from sinks.base import PermanentSinkError, RetryableSinkError, Sink, SinkSettings, WriteResult
+
+log = logging.getLogger(__name__)
 
 ARCHIVE_SCHEMA = pa.schema(
     [
@@ -99,9 +102,10 @@ def archive_table(records: Sequence[ChangeRecord], encoding: ImageEncoding = "dy
     """The archive rows for `records`, in order."""
     # JSON goes from orjson to Arrow as UTF-8 bytes: no decoding to str for Arrow to encode again.
     if encoding == "dynamodb_json":
-        # From the stream record, never the images: reading those would unmarshal them. Wire records (base64
-        # text) and boto3's (bytes, encoded back to base64 by to_json_bytes) give the same text.
-        # A record straight from pipeline.wire still holds each image as the service's text, copied as it is.
+        # From the stream record, never the images: reading those would unmarshal them. A record straight from
+        # pipeline.wire still holds each image as the service's text, copied as it is; other records have theirs
+        # encoded (boto3's bytes back to base64), which gives the same JSON, and the same bytes when the service's
+        # text is compact, as AWS's is.
         streams = [r.raw["dynamodb"] for r in records]
         keys = [_typed_json(s, "Keys") or b"{}" for s in streams]
         new_images = [_typed_json(s, "NewImage") for s in streams]
@@ -220,7 +224,8 @@ class S3ParquetSink(Sink):
         table = archive_table(records, self._settings.image_encoding)
         for key, runs in _runs_by_part(records).items():
             part = self._parts.setdefault(key, _PartBuffer())
-            # Slices share the batch table's buffers: buffering a run copies nothing.
+            # Slices share the batch table's buffers: buffering a run copies nothing. (So after a flush that wrote
+            # only some parts, the parts left can hold more memory than buffered_bytes counts, until they are written.)
             slices = [table.slice(start, end - start) for start, end in runs]
             part.tables.extend(slices)
             part.first_sequence = part.first_sequence or records[runs[0][0]].sequence_number
@@ -246,10 +251,9 @@ class S3ParquetSink(Sink):
             return
         if self._uploads is None:
             self._uploads = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix=f"{self.name}-upload")
-        pending = {self._uploads.submit(self._upload, key, part): key for key, part in self._parts.items()}
+        pending = [(key, self._uploads.submit(self._upload, key, part)) for key, part in self._parts.items()]
         errors: list[BaseException] = []
-        for future in as_completed(pending):
-            key = pending[future]
+        for key, future in pending:  # in buffer order, whichever finished first
             error = future.exception()
             if error is not None:
                 errors.append(error)
@@ -258,7 +262,10 @@ class S3ParquetSink(Sink):
             self._buffered_bytes -= sum(t.nbytes for t in self._parts[key].tables)
             del self._parts[key]
         if errors:
-            raise errors[0]
+            for error in errors[1:]:
+                log.warning("sink %s: %s", self.name, error)
+            # A refusal that no retry will change outranks an outage: the caller must hear about it, not retry.
+            raise next((e for e in errors if isinstance(e, PermanentSinkError)), errors[0])
         self._oldest = None
 
     def _upload(self, key: tuple[str, str], part: _PartBuffer) -> str:

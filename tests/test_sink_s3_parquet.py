@@ -1,12 +1,12 @@
-"""The archive sink's objects: one per (hour, shard), rows in stream order, several uploaded at once, and a flush
-that fails part-way keeps exactly the parts that were not written.
+"""The archive sink's objects: one per (hour, shard), rows in stream order; a flush that fails part-way has still
+written every part it could and keeps exactly the ones it could not, and reports a refusal before an outage.
 
 The sink writes to the moto server through s3fs and pyarrow; failures come from `FaultProxy` on the wire.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import pyarrow.parquet as pq
@@ -15,10 +15,10 @@ import s3fs
 
 from pipeline.emulator import EmbeddedAws
 from pipeline.records import Batch, ChangeRecord
-from sinks.base import RetryableSinkError
+from sinks.base import PermanentSinkError, RetryableSinkError
 from sinks.s3_parquet import S3ParquetSink, S3ParquetSinkSettings
 from tests.factories import change_record
-from tests.fault_proxy import SLOW_DOWN, FaultProxy, RequestInfo
+from tests.fault_proxy import SLOW_DOWN, Fault, FaultProxy, RequestInfo
 
 HOUR_END = datetime(2026, 5, 27, 10, 59, 58, tzinfo=UTC)
 
@@ -120,3 +120,21 @@ def test_flush_with_nothing_buffered_writes_nothing(aws: EmbeddedAws, bucket: st
     sink.flush()
     sink.close()
     assert _objects(aws, bucket) == {}
+
+
+def test_a_refused_part_outranks_an_outage_in_what_flush_raises(
+    aws: EmbeddedAws, bucket: str, proxy: FaultProxy
+) -> None:
+    sink = _sink(aws, bucket, proxy.endpoint_url)
+    records = [_record(shard, 7, HOUR_END) for shard in ("a", "b", "c")]
+    sink.write(Batch(tuple(records), sum(r.size_bytes for r in records)))
+
+    def shard(name: str) -> Callable[[RequestInfo], bool]:
+        return lambda request: request.method == "PUT" and f"/{name}-7-7" in request.path
+
+    proxy.inject(shard("a"), SLOW_DOWN)  # first in buffer order
+    proxy.inject(shard("c"), Fault("status", 403, "AccessDenied"))
+    with pytest.raises(PermanentSinkError, match="c-7-7"):
+        sink.flush()
+    assert list(_objects(aws, bucket)) == ["orders/dt=2026-05-27/hour=10/b-7-7.parquet"]
+    sink.close()

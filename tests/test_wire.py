@@ -460,3 +460,48 @@ def test_an_image_that_is_not_an_object_is_refused_when_read() -> None:
 
     with pytest.raises(UnmarshalError, match="NewImage of record event-1"):
         record.new_image.get("pk")  # type: ignore[union-attr]
+
+
+def _handled(body: bytes) -> dict[str, Any]:
+    response: dict[str, Any] = {"status_code": 200, "headers": {}, "body": body}
+    customized: dict[str, Any] = {}
+    parse_get_records(response_dict=response, customized_response_dict=customized)
+    return customized
+
+
+def test_a_null_image_takes_the_general_path_and_reads_as_none() -> None:
+    record = _service_record(1, "INSERT", Keys={"pk": {"S": "a"}}, NewImage=None)
+    customized = _handled(orjson.dumps({"Records": [record]}))
+
+    (raw,) = customized["Records"]
+    assert not isinstance(raw, WireRecord) and raw["dynamodb"]["NewImage"] is None
+    assert change_record_from_stream(raw, table="orders", shard_id="shardId-1").new_image is None
+
+
+def test_a_body_that_is_not_utf8_is_left_to_botocore() -> None:
+    record = _service_record(1, "INSERT", Keys={"pk": {"S": "a"}}, NewImage={"pk": {"S": "a"}, "s": {"S": "é"}})
+    body = orjson.dumps({"Records": [record]}).replace("é".encode(), b"\xff")
+    assert _handled(body) == {}
+
+
+def test_whole_second_timestamps_stay_integers() -> None:
+    record = _service_record(1, "INSERT", Keys={"pk": {"S": "a"}})
+    record["dynamodb"]["ApproximateCreationDateTime"] = 1_714_567_890  # as moto writes it
+    (raw,) = _handled(orjson.dumps({"Records": [record]}))["Records"]
+    assert isinstance(raw, WireRecord)
+    assert type(raw["dynamodb"]["ApproximateCreationDateTime"]) is int
+    assert b'"ApproximateCreationDateTime":1714567890,' in to_json_bytes(raw)
+
+
+def test_an_unreadable_image_neither_breaks_repr_nor_membership() -> None:
+    record = _service_record(1, "INSERT", Keys={"pk": {"S": "a"}}, NewImage=[1, 2])
+    (raw,) = _handled(orjson.dumps({"Records": [record]}))["Records"]
+    stream = raw["dynamodb"]
+
+    assert "NewImage" in stream and "OldImage" not in stream and "dynamodb" in raw
+    assert "[1,2]" in repr(raw) and "event-1" in repr(raw)
+    assert "[1,2]" in repr(change_record_from_stream(raw, table="orders", shard_id="shardId-1"))
+    with pytest.raises(UnmarshalError, match="NewImage of record event-1"):
+        dict(stream)
+    with pytest.raises(KeyError):
+        stream.image_json("Image")
