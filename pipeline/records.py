@@ -249,14 +249,47 @@ class LazyImage(Mapping[str, Any]):
 _ABSENT: Any = object()
 
 
-class WireStreamRecord(Mapping[str, Any]):
+class _WireMapping(Mapping[str, Any]):
+    """A read-only mapping over fields, some of which may be absent (`_value` returns `_ABSENT`)."""
+
+    __slots__ = ()
+
+    def _value(self, name: str) -> Any:
+        raise NotImplementedError
+
+    def __getitem__(self, name: str) -> Any:
+        value = self._value(name)
+        if value is _ABSENT:
+            raise KeyError(name)
+        return value
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __contains__(self, name: object) -> bool:
+        return name in tuple(self)  # without parsing an image, as Mapping's own would
+
+    def to_json_value(self) -> dict[str, Any]:
+        """This mapping for orjson, each image as its text (orjson.Fragment): encoding parses nothing."""
+        return {name: self._json_value(name) for name in self}
+
+    def _json_value(self, name: str) -> Any:
+        return self._value(name)
+
+    def __repr__(self) -> str:
+        # From the images' text: repr must not raise, and records are logged when an image is unreadable.
+        return f"{type(self).__name__}({to_json(self)})"
+
+
+class WireStreamRecord(_WireMapping):
     """The `dynamodb` part of a `WireRecord`: a read-only mapping with the keys GetRecords sent.
 
     Reading `SequenceNumber` or `SizeBytes` (as the reader does for every record) parses nothing; reading an image
     parses that image's text once, and the result is the object the record's `LazyImage.typed` also returns.
+    (Not a dataclass: orjson would encode a dataclass's fields rather than the mapping.)
     """
 
-    # Not `keys`: that is Mapping.keys().
+    # `key_image`, not `keys`: that is Mapping.keys().
     __slots__ = ("creation_time", "key_image", "new_image", "old_image", "sequence_number", "size_bytes", "view_type")
 
     def __init__(
@@ -295,14 +328,8 @@ class WireStreamRecord(Mapping[str, Any]):
             return _ABSENT if self.view_type is None else self.view_type
         return _ABSENT
 
-    def __getitem__(self, name: str) -> Any:
-        value = self._value(name)
-        if value is _ABSENT:
-            raise KeyError(name)
-        return value
-
     def __iter__(self) -> Iterator[str]:
-        # GetRecords' own order.
+        # The order of the service's documentation examples.
         yield "ApproximateCreationDateTime"
         yield "Keys"
         if self.new_image is not None:
@@ -315,33 +342,19 @@ class WireStreamRecord(Mapping[str, Any]):
         if self.view_type is not None:
             yield "StreamViewType"
 
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-    def __contains__(self, name: object) -> bool:
-        return name in tuple(self)  # without parsing an image, as Mapping's own would
-
     def image_json(self, name: str) -> bytes | None:
         """`Keys`, `NewImage` or `OldImage` as DynamoDB JSON text, without parsing it; None when absent."""
         images = {"Keys": self.key_image, "NewImage": self.new_image, "OldImage": self.old_image}
         image = images[name]
         return None if image is None else image.typed_json
 
-    def to_json_value(self) -> dict[str, Any]:
-        """This mapping for orjson, the images as their text (orjson.Fragment): encoding parses nothing."""
-        out: dict[str, Any] = {}
-        for name in self:
-            if name in ("Keys", "NewImage", "OldImage"):
-                out[name] = orjson.Fragment(self.image_json(name) or b"null")
-            else:
-                out[name] = self._value(name)
-        return out
-
-    def __repr__(self) -> str:
-        return _wire_repr(self)
+    def _json_value(self, name: str) -> Any:
+        if name in ("Keys", "NewImage", "OldImage"):
+            return orjson.Fragment(self.image_json(name) or b"null")
+        return self._value(name)
 
 
-class WireRecord(Mapping[str, Any]):
+class WireRecord(_WireMapping):
     """One element of GetRecords' `Records` as `pipeline.wire` decoded it: a read-only mapping equal to the dict
     a JSON parser would give (binary as base64 text, the creation time as epoch seconds), built without parsing
     the images."""
@@ -368,47 +381,23 @@ class WireRecord(Mapping[str, Any]):
         self.user_identity = user_identity
 
     def _value(self, name: str) -> Any:
-        if name == "dynamodb":
+        if name == "dynamodb":  # read for every record (sequence numbers, sizes)
             return self.dynamodb
-        if name == "eventID":
-            return self.event_id
-        if name == "eventName":
-            return self.event_name
         value = {
+            "eventID": self.event_id,
+            "eventName": self.event_name,
             "eventVersion": self.event_version,
             "eventSource": self.event_source,
             "awsRegion": self.aws_region,
+            "dynamodb": self.dynamodb,
             "userIdentity": self.user_identity,
         }.get(name)
         return _ABSENT if value is None else value
-
-    def __getitem__(self, name: str) -> Any:
-        value = self._value(name)
-        if value is _ABSENT:
-            raise KeyError(name)
-        return value
 
     def __iter__(self) -> Iterator[str]:
         for name in ("eventID", "eventName", "eventVersion", "eventSource", "awsRegion", "dynamodb", "userIdentity"):
             if self._value(name) is not _ABSENT:
                 yield name
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-    def __contains__(self, name: object) -> bool:
-        return name in tuple(self)
-
-    def to_json_value(self) -> dict[str, Any]:
-        return {name: self._value(name) for name in self}
-
-    def __repr__(self) -> str:
-        return _wire_repr(self)
-
-
-def _wire_repr(record: WireRecord | WireStreamRecord) -> str:
-    # From the images' text: repr must not raise, and records are logged when an image is unreadable.
-    return f"{type(record).__name__}({to_json(record)})"
 
 
 def _as_bytes(payload: Any) -> bytes:
@@ -525,7 +514,7 @@ def _json_default(value: Any) -> Any:
         return orjson.Fragment(str(value))
     if isinstance(value, LazyImage):
         return value._unmarshalled()
-    if isinstance(value, WireRecord | WireStreamRecord):
+    if isinstance(value, _WireMapping):
         return value.to_json_value()
     if isinstance(value, bytes | bytearray | memoryview):
         return base64.b64encode(bytes(value)).decode("ascii")

@@ -117,10 +117,10 @@ class PollScheduler:
         """When to poll this shard again.
 
         A page that stopped at a limit (`ShardPage.at_limit`: the record limit or near the 1 MB cap) means more is
-        waiting: at once. A page with records, or an empty one on a shard that had
-        records in the last `ACTIVE_WINDOW_SECONDS`, means the shard is active: `idle_min` later (4 calls a
-        second at the default, as a Lambda event source mapping polls), so a change made a moment after a
-        poll still arrives within a fraction of a second. A shard quiet for longer backs off exponentially
+        waiting: at once. Any other page with records, or an empty one on a shard that had records in the last
+        `ACTIVE_WINDOW_SECONDS`, means the shard is active: `idle_min` later (4 calls a second at the default, as
+        a Lambda event source mapping polls), so a change made a moment after a poll still arrives within a
+        fraction of a second. A shard quiet for longer backs off exponentially
         to `idle_max` (6 calls a minute at the default), where it costs little however many shards there are.
         """
         if page.records:
