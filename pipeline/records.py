@@ -380,10 +380,9 @@ class WireRecord(_WireMapping):
         self.aws_region = aws_region
         self.user_identity = user_identity
 
-    def _value(self, name: str) -> Any:
-        if name == "dynamodb":  # read for every record (sequence numbers, sizes)
-            return self.dynamodb
-        value = {
+    def _fields(self) -> dict[str, Any]:
+        """Every field by its GetRecords name, in the service's order; None where the record has none."""
+        return {
             "eventID": self.event_id,
             "eventName": self.event_name,
             "eventVersion": self.event_version,
@@ -391,13 +390,16 @@ class WireRecord(_WireMapping):
             "awsRegion": self.aws_region,
             "dynamodb": self.dynamodb,
             "userIdentity": self.user_identity,
-        }.get(name)
+        }
+
+    def _value(self, name: str) -> Any:
+        if name == "dynamodb":  # read for every record (sequence numbers, sizes)
+            return self.dynamodb
+        value = self._fields().get(name)
         return _ABSENT if value is None else value
 
     def __iter__(self) -> Iterator[str]:
-        for name in ("eventID", "eventName", "eventVersion", "eventSource", "awsRegion", "dynamodb", "userIdentity"):
-            if self._value(name) is not _ABSENT:
-                yield name
+        return (name for name, value in self._fields().items() if value is not None)
 
 
 def _as_bytes(payload: Any) -> bytes:
