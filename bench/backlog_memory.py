@@ -36,7 +36,7 @@ from harness import (
     table,
 )
 
-from pipeline.simulated_stream import StreamSimulator
+from pipeline.testing.simulated_stream import StreamSimulator
 
 GOAL = 1.15
 

@@ -42,10 +42,10 @@ import boto3
 import botocore
 
 from pipeline.aws import AwsClients
-from pipeline.emulator import DUMMY_CREDENTIALS
 from pipeline.records import Batch, ChangeRecord, WireStreamRecord
-from pipeline.simulated_stream import SimulatedStream, StreamSimulator
-from pipeline.simulated_stream_server import SimulatedStreamsServer
+from pipeline.testing.emulator import DUMMY_CREDENTIALS
+from pipeline.testing.simulated_stream import SimulatedStream, StreamSimulator
+from pipeline.testing.simulated_stream_server import SimulatedStreamsServer
 from sinks.base import Sink, WriteResult
 
 REGION = "us-east-1"
@@ -180,7 +180,7 @@ def checkpoint_version() -> str:
         ).stdout.strip()[:12]
     except (OSError, subprocess.CalledProcessError):
         blob = "unknown"
-    return f"pipeline/checkpoint.py blob {blob} ({call})"
+    return f"pipeline/state/checkpoint.py blob {blob} ({call})"
 
 
 # --- the moto server -----------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from harness import (
 )
 
 from pipeline.settings import BatchSettings, ReaderSettings
-from pipeline.simulated_stream import StreamSimulator
+from pipeline.testing.simulated_stream import StreamSimulator
 
 LAMBDA_POLLS_PER_SHARD_PER_MINUTE = 4 * 60
 GOAL_P50, GOAL_P99, GOAL_IDLE_CALLS = 1.0, 2.0, 6.0

@@ -51,8 +51,8 @@ from harness import (
     table,
 )
 
-from pipeline.emulator import DUMMY_CREDENTIALS
-from pipeline.simulated_stream import StreamSimulator
+from pipeline.testing.emulator import DUMMY_CREDENTIALS
+from pipeline.testing.simulated_stream import StreamSimulator
 
 
 @dataclass(frozen=True)

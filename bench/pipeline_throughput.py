@@ -1,7 +1,8 @@
 """Whole-pipeline throughput from a pre-loaded backlog, against the archive path's one-core figure.
 
 The pipeline runs in a child process exactly as `streamsink run` would: shard readers on the poll scheduler read
-the simulated DynamoDB Streams endpoint over HTTP (`pipeline.simulated_stream_server`, served from this process),
+the simulated DynamoDB Streams endpoint over HTTP (`pipeline.testing.simulated_stream_server`, served from this
+process),
 pages go through the bounded queue and the batcher to the S3 Parquet archive sink writing to a moto S3, and
 checkpoints go to moto DynamoDB (moto runs in a process of its own). The stream holds `--records` changes of
 about `--item-bytes` each, spread over `--shards` shards, before the pipeline starts; the clock runs from
@@ -44,7 +45,7 @@ from harness import (
     table,
 )
 
-from pipeline.simulated_stream import StreamSimulator
+from pipeline.testing.simulated_stream import StreamSimulator
 
 ARCHIVE_PATH = REPOSITORY / "bench" / "archive_path.py"
 

@@ -45,8 +45,8 @@ import botocore
 from botocore.exceptions import ClientError
 
 from pipeline.aws import AwsClients
-from pipeline.emulator import DUMMY_CREDENTIALS
 from pipeline.records import Batch, ChangeRecord, change_record_from_stream
+from pipeline.testing.emulator import DUMMY_CREDENTIALS
 from sinks.dynamodb_table import (
     NEWER_WINS_CONDITION,
     DynamoDbTableSink,

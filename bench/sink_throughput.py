@@ -33,7 +33,7 @@ from harness import MotoServer, machine_line, table
 
 from pipeline.aws import AwsClients
 from pipeline.records import Batch, ChangeRecord, change_record_from_stream
-from pipeline.simulated_stream import StreamSimulator
+from pipeline.testing.simulated_stream import StreamSimulator
 from sinks.messages import MessageSink, batch_entries, build_message
 from sinks.sns import SnsSink, SnsSinkSettings
 from sinks.sqs import SqsSink, SqsSinkSettings

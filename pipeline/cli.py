@@ -72,7 +72,7 @@ def _settings(path: str) -> Settings | None:
 
 
 def run(settings: Settings) -> int:
-    from pipeline.console import StatusLine, configure_logging
+    from pipeline.ops.console import StatusLine, configure_logging
     from pipeline.runner import Pipeline
 
     interactive = configure_logging(settings.runtime.log_level, settings.runtime.log_format)
@@ -106,13 +106,13 @@ def run(settings: Settings) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
-        from pipeline.console import configure_logging
-        from pipeline.demo import run_demo
+        from pipeline.ops.console import configure_logging
+        from pipeline.ops.demo import run_demo
 
         configure_logging("WARNING", "text")
         return run_demo(changes=args.changes)
     if args.command == "tail":
-        from pipeline.tail import run_tail
+        from pipeline.ops.tail import run_tail
 
         return run_tail(
             table_name=args.table,
@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(settings.model_dump_json(indent=2))
         return 0
     if args.command == "status":
-        from pipeline.status import run_status
+        from pipeline.ops.status import run_status
 
         return run_status(settings, as_json=args.json, count_cap=args.count_behind)
     return run(settings)

@@ -15,18 +15,18 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from pipeline.aws import AwsClients
-from pipeline.batcher import BatchAssembler, BoundedQueue, ClosedBatch, QueueClosedError
-from pipeline.checkpoint import Checkpoint, CheckpointStore
-from pipeline.dead_letter import build_dead_letters
-from pipeline.delivery import Delivery
-from pipeline.filters import compile_filter
-from pipeline.metrics import MetricsServer, PipelineMetrics
-from pipeline.reader import ShardPage, ShardReader, StartPosition, TrimmedDataError
+from pipeline.delivery.batcher import BatchAssembler, BoundedQueue, ClosedBatch, QueueClosedError
+from pipeline.delivery.dead_letter import build_dead_letters
+from pipeline.delivery.driver import Delivery
+from pipeline.delivery.filters import compile_filter
+from pipeline.delivery.transforms import SinkFeed
+from pipeline.ops.metrics import MetricsServer, PipelineMetrics
 from pipeline.retry import RetryPolicy
-from pipeline.scheduler import PollScheduler
 from pipeline.settings import Settings
-from pipeline.stream import ShardInfo, ShardLineage, describe_shards, resolve_stream_arn, table_name_of
-from pipeline.transforms import SinkFeed
+from pipeline.source.reader import ShardPage, ShardReader, StartPosition, TrimmedDataError
+from pipeline.source.scheduler import PollScheduler
+from pipeline.source.stream import ShardInfo, ShardLineage, describe_shards, resolve_stream_arn, table_name_of
+from pipeline.state.checkpoint import Checkpoint, CheckpointStore
 from sinks.base import Sink
 from sinks.registry import build_sink
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from pipeline.filters import FilterSettings
+from pipeline.delivery.filters import FilterSettings
 from sinks.registry import SINK_TYPES, SinkConfig
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")

@@ -27,9 +27,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.filters import AttributeName, FilterSettings
+from pipeline.delivery.filters import AttributeName, FilterSettings
+from pipeline.delivery.transforms import TransformReference
 from pipeline.records import Batch
-from pipeline.transforms import TransformReference
 
 ClientFactory = Callable[..., Any]
 """`factory(service_name, region=None, endpoint_url=None)` -> a boto3 client configured for this pipeline."""

@@ -13,8 +13,8 @@ import pyarrow.dataset as ds
 import pytest
 import s3fs
 
-from pipeline.emulator import EmbeddedAws, create_stream_table
 from pipeline.settings import Settings, load_settings
+from pipeline.testing.emulator import EmbeddedAws, create_stream_table
 
 
 @pytest.fixture(scope="session")

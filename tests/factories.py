@@ -8,8 +8,8 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pipeline.reader import RECORD_OVERHEAD_BYTES, ShardPage
 from pipeline.records import ChangeRecord, EventName, change_record_from_stream
+from pipeline.source.reader import RECORD_OVERHEAD_BYTES, ShardPage
 
 BASE_TIME = datetime(2024, 1, 1, tzinfo=UTC)
 STREAM_VIEW_TYPES = ("KEYS_ONLY", "NEW_IMAGE", "OLD_IMAGE", "NEW_AND_OLD_IMAGES")

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.batcher import BatchAssembler, BoundedQueue, ClosedBatch, QueueClosedError
-from pipeline.reader import ShardPage
+from pipeline.delivery.batcher import BatchAssembler, BoundedQueue, ClosedBatch, QueueClosedError
 from pipeline.settings import BatchSettings
+from pipeline.source.reader import ShardPage
 from tests.factories import page, stream_record
 
 # Blocking behaviour is checked against generous bounds: a call that should block is still blocked after

@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from pipeline.checkpoint import CheckpointStore
-from pipeline.emulator import EmbeddedAws
 from pipeline.retry import RetryPolicy
 from pipeline.settings import RetrySettings
+from pipeline.state.checkpoint import CheckpointStore
+from pipeline.testing.emulator import EmbeddedAws
 from tests.conftest import unique
 
 STREAM = "arn:aws:dynamodb:us-east-1:123456789012:table/orders/stream/2026-01-01T00:00:00.000"

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from pipeline.checkpoint import CheckpointStore
-from pipeline.demo import _item
-from pipeline.emulator import EmbeddedAws
+from pipeline.ops.demo import _item
 from pipeline.retry import RetryPolicy
 from pipeline.settings import RetrySettings
+from pipeline.state.checkpoint import CheckpointStore
+from pipeline.testing.emulator import EmbeddedAws
 from tests.conftest import read_archive, stream_records, unique, wait_until
 
 STREAMSINK = [sys.executable, "-m", "pipeline.cli"]

@@ -8,7 +8,7 @@ in the stream must be in the archive with its values exact (duplicates are allow
 and the replica table must equal the source table.
 
 The scenario is written against `CrashSource` and runs twice: against a moto table (one shard that never
-closes), and against the simulated DynamoDB Streams endpoint (pipeline.simulated_stream) serving two shards that
+closes), and against the simulated DynamoDB Streams endpoint (pipeline.testing.simulated_stream) serving two shards that
 split while the pipeline is being killed, so that kills also land while parents finish and children start.
 """
 
@@ -33,12 +33,12 @@ from typing import Any, Protocol
 import pyarrow.parquet as pq
 from botocore.exceptions import ClientError
 
-from pipeline.checkpoint import Checkpoint, CheckpointStore
-from pipeline.emulator import EmbeddedAws, create_stream_table
 from pipeline.retry import RetryPolicy
 from pipeline.settings import RetrySettings
-from pipeline.simulated_stream import SimulatedStream, StreamSimulator
-from pipeline.simulated_stream_server import SimulatedStreamsServer
+from pipeline.state.checkpoint import Checkpoint, CheckpointStore
+from pipeline.testing.emulator import EmbeddedAws, create_stream_table
+from pipeline.testing.simulated_stream import SimulatedStream, StreamSimulator
+from pipeline.testing.simulated_stream_server import SimulatedStreamsServer
 from tests.conftest import read_archive, unique, wait_until
 from tests.fault_proxy import FaultProxy, latency, s3_bucket
 

@@ -10,12 +10,12 @@ import orjson
 import pytest
 
 from pipeline.aws import AwsClients
-from pipeline.dead_letter import JsonlDeadLetters, S3DeadLetters, SqsDeadLetters, build_dead_letters
-from pipeline.emulator import EmbeddedAws
+from pipeline.delivery.dead_letter import JsonlDeadLetters, S3DeadLetters, SqsDeadLetters, build_dead_letters
 from pipeline.records import ChangeRecord
 from pipeline.retry import RetryPolicy
 from pipeline.runner import Pipeline
 from pipeline.settings import ConfigError, RetrySettings, Settings, load_settings
+from pipeline.testing.emulator import EmbeddedAws
 from sinks.base import PermanentSinkError, SinkError
 from sinks.memory import FlakySink
 from tests.conftest import unique, wait_until

@@ -11,8 +11,8 @@ import orjson
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
-from pipeline.dead_letter import JsonlDeadLetters
-from pipeline.delivery import Delivery, DeliveryBlockedError
+from pipeline.delivery.dead_letter import JsonlDeadLetters
+from pipeline.delivery.driver import Delivery, DeliveryBlockedError
 from pipeline.records import Batch, ChangeRecord
 from pipeline.retry import RetryPolicy, is_retryable
 from pipeline.settings import RetrySettings

@@ -12,12 +12,12 @@ from typing import Any
 import orjson
 from boto3.dynamodb.types import TypeDeserializer
 
-from pipeline.checkpoint import CheckpointStore
-from pipeline.demo import _item, write_changes
-from pipeline.emulator import EmbeddedAws
+from pipeline.ops.demo import _item, write_changes
 from pipeline.retry import RetryPolicy
 from pipeline.runner import Pipeline
 from pipeline.settings import RetrySettings, Settings
+from pipeline.state.checkpoint import CheckpointStore
+from pipeline.testing.emulator import EmbeddedAws
 from sinks.base import PermanentSinkError
 from sinks.memory import FlakySink, MemorySink
 from tests.conftest import read_archive, stream_records, wait_until

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.checkpoint import CheckpointStore
 from pipeline.retry import RetryPolicy
 from pipeline.runner import Pipeline
 from pipeline.settings import RetrySettings, Settings, load_settings
+from pipeline.state.checkpoint import CheckpointStore
 from sinks.memory import MemorySink
 from tests.conftest import stream_records, wait_until
 

@@ -11,7 +11,7 @@ from boto3.dynamodb.types import TypeSerializer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.filters import FilterSettings, FilterSyntaxError, compile_filter, parse_filter
+from pipeline.delivery.filters import FilterSettings, FilterSyntaxError, compile_filter, parse_filter
 from pipeline.records import Batch, ChangeRecord, EventName
 from pipeline.settings import ConfigError, load_settings
 from tests.factories import change_record, ttl_identity

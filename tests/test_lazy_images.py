@@ -20,9 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.aws import AwsClients
-from pipeline.checkpoint import CheckpointStore
-from pipeline.demo import _item
-from pipeline.emulator import EmbeddedAws
+from pipeline.delivery.transforms import apply_transform, project
+from pipeline.ops.demo import _item
+from pipeline.ops.tail import render
 from pipeline.records import (
     ChangeRecord,
     EventName,
@@ -36,9 +36,9 @@ from pipeline.records import (
 from pipeline.retry import RetryPolicy
 from pipeline.runner import Pipeline
 from pipeline.settings import RetrySettings, Settings
-from pipeline.simulated_stream import SimulatedStream, StreamSimulator
-from pipeline.tail import render
-from pipeline.transforms import apply_transform, project
+from pipeline.state.checkpoint import CheckpointStore
+from pipeline.testing.emulator import EmbeddedAws
+from pipeline.testing.simulated_stream import SimulatedStream, StreamSimulator
 from sinks.messages import message_body
 from sinks.s3_parquet import S3ParquetSinkSettings, archive_table
 from tests.conftest import read_archive, wait_until

@@ -13,7 +13,7 @@ import pytest
 from aws_lambda_powertools.utilities.data_classes.dynamo_db_stream_event import DynamoDBStreamEvent
 from botocore.exceptions import ClientError, EndpointConnectionError, ParamValidationError
 
-from pipeline.demo import _item
+from pipeline.ops.demo import _item
 from pipeline.records import ChangeRecord, change_record_from_stream
 from sinks.base import PermanentSinkError, RetryableSinkError
 from sinks.messages import (

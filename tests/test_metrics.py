@@ -11,10 +11,10 @@ from collections.abc import Callable
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.console import JsonLogFormatter, StatusLine, configure_logging
-from pipeline.emulator import EmbeddedAws
+from pipeline.ops.console import JsonLogFormatter, StatusLine, configure_logging
 from pipeline.runner import Pipeline
 from pipeline.settings import Settings
+from pipeline.testing.emulator import EmbeddedAws
 from sinks.base import RetryableSinkError
 from sinks.memory import FlakySink, MemorySink
 from tests.conftest import wait_until

@@ -8,13 +8,13 @@ from dataclasses import replace
 from typing import Any
 
 from pipeline.aws import AwsClients
-from pipeline.emulator import EmbeddedAws
-from pipeline.reader import ShardPage, ShardReader, StartPosition
 from pipeline.retry import RetryPolicy
-from pipeline.scheduler import ACTIVE_WINDOW_SECONDS, PollScheduler, ShardProgress
 from pipeline.settings import RetrySettings
-from pipeline.simulated_stream import StreamSimulator
-from pipeline.stream import ShardInfo
+from pipeline.source.reader import ShardPage, ShardReader, StartPosition
+from pipeline.source.scheduler import ACTIVE_WINDOW_SECONDS, PollScheduler, ShardProgress
+from pipeline.source.stream import ShardInfo
+from pipeline.testing.emulator import EmbeddedAws
+from pipeline.testing.simulated_stream import StreamSimulator
 from tests.factories import page, stream_record
 
 

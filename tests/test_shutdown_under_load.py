@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from pipeline.checkpoint import Checkpoint
-from pipeline.demo import _item
-from pipeline.emulator import EmbeddedAws, create_stream_table
+from pipeline.ops.demo import _item
+from pipeline.state.checkpoint import Checkpoint
+from pipeline.testing.emulator import EmbeddedAws, create_stream_table
 from tests.conftest import read_archive, unique, wait_until
 from tests.fault_proxy import FaultProxy, latency, s3_bucket
 from tests.test_crash_safety import (

@@ -18,11 +18,11 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from pipeline.aws import AwsClients
-from pipeline.emulator import EmbeddedAws
 from pipeline.records import unmarshal_image
 from pipeline.runner import Pipeline
 from pipeline.settings import Settings
-from pipeline.simulated_stream import (
+from pipeline.testing.emulator import EmbeddedAws
+from pipeline.testing.simulated_stream import (
     FIRST_SEQUENCE_NUMBER,
     MAX_PAGE_BYTES,
     FaultSchedule,
@@ -31,7 +31,7 @@ from pipeline.simulated_stream import (
     StreamSimulator,
     item_size,
 )
-from pipeline.simulated_stream_server import SimulatedStreamsServer
+from pipeline.testing.simulated_stream_server import SimulatedStreamsServer
 from sinks.memory import MemorySink
 from tests.conftest import unique, wait_until
 

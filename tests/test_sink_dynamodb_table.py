@@ -14,15 +14,15 @@ import pytest
 from boto3.dynamodb.types import TypeDeserializer
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from pipeline.dead_letter import JsonlDeadLetters
-from pipeline.delivery import Delivery
-from pipeline.demo import _item, write_changes
-from pipeline.emulator import EmbeddedAws
+from pipeline.delivery.dead_letter import JsonlDeadLetters
+from pipeline.delivery.driver import Delivery
+from pipeline.delivery.transforms import SinkFeed
+from pipeline.ops.demo import _item, write_changes
 from pipeline.records import Batch, ChangeRecord, change_record_from_stream
 from pipeline.retry import RetryPolicy
 from pipeline.runner import Pipeline
 from pipeline.settings import ConfigError, RetrySettings, Settings, load_settings
-from pipeline.transforms import SinkFeed
+from pipeline.testing.emulator import EmbeddedAws
 from sinks.base import PermanentSinkError, RetryableSinkError
 from sinks.dynamodb_table import SEQUENCE_WIDTH, DynamoDbTableSink, DynamoDbTableSinkSettings, padded_sequence
 from tests.conftest import stream_records, unique, wait_until

@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 
-from pipeline.checkpoint import CheckpointStore
-from pipeline.demo import _item, write_changes
-from pipeline.emulator import EmbeddedAws
+from pipeline.ops.demo import _item, write_changes
 from pipeline.records import Batch
 from pipeline.retry import RetryPolicy
 from pipeline.runner import Pipeline
 from pipeline.settings import RetrySettings, Settings
+from pipeline.state.checkpoint import CheckpointStore
+from pipeline.testing.emulator import EmbeddedAws
 from sinks.base import RetryableSinkError
 from sinks.s3_parquet import S3ParquetSink, S3ParquetSinkSettings
 from tests.conftest import read_archive, stream_records, wait_until

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from pipeline.emulator import EmbeddedAws
 from pipeline.records import Batch, ChangeRecord
+from pipeline.testing.emulator import EmbeddedAws
 from sinks.base import PermanentSinkError, RetryableSinkError
 from sinks.s3_parquet import S3ParquetSink, S3ParquetSinkSettings
 from tests.factories import change_record

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from pipeline.emulator import EmbeddedAws
 from pipeline.records import ChangeRecord
+from pipeline.testing.emulator import EmbeddedAws
 from sinks.base import PermanentSinkError, RetryableSinkError
 from sinks.messages import MAX_MESSAGE_BYTES, message_group_id
 from sinks.sns import SnsSink, SnsSinkSettings

@@ -13,11 +13,11 @@ from aws_lambda_powertools.utilities.data_classes.dynamo_db_stream_event import 
 from botocore.exceptions import ClientError
 
 from pipeline.aws import AwsClients
-from pipeline.demo import _item
-from pipeline.emulator import EmbeddedAws
+from pipeline.ops.demo import _item
 from pipeline.records import Batch, ChangeRecord
 from pipeline.runner import Pipeline
 from pipeline.settings import ConfigError, Settings, load_settings
+from pipeline.testing.emulator import EmbeddedAws
 from sinks.base import PermanentSinkError, RetryableSinkError
 from sinks.messages import MAX_MESSAGE_BYTES, message_group_id
 from sinks.sqs import SqsSink, SqsSinkSettings

@@ -13,14 +13,14 @@ from typing import Any
 import pytest
 
 from pipeline.aws import AwsClients
-from pipeline.checkpoint import CheckpointStore
 from pipeline.cli import main
-from pipeline.emulator import EmbeddedAws
+from pipeline.ops.status import RecordsBehind, age_text, collect_status, render_table
 from pipeline.retry import RetryPolicy
 from pipeline.runner import Pipeline
 from pipeline.settings import RetrySettings, Settings
-from pipeline.simulated_stream import StreamSimulator
-from pipeline.status import RecordsBehind, age_text, collect_status, render_table
+from pipeline.state.checkpoint import CheckpointStore
+from pipeline.testing.emulator import EmbeddedAws
+from pipeline.testing.simulated_stream import StreamSimulator
 from sinks.memory import MemorySink
 from tests.conftest import stream_records, unique, wait_until
 

@@ -12,7 +12,7 @@ from botocore.stub import Stubber
 
 from pipeline.retry import RetryPolicy
 from pipeline.settings import RetrySettings
-from pipeline.stream import (
+from pipeline.source.stream import (
     ShardInfo,
     ShardLineage,
     StreamNotFoundError,

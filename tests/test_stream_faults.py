@@ -17,12 +17,12 @@ import pytest
 
 import pipeline.runner
 from pipeline.aws import AwsClients
-from pipeline.emulator import EmbeddedAws
-from pipeline.reader import ShardReader, TrimmedDataError
 from pipeline.records import ChangeRecord, unmarshal_image
 from pipeline.runner import Pipeline
 from pipeline.settings import Settings
-from pipeline.simulated_stream import (
+from pipeline.source.reader import ShardReader, TrimmedDataError
+from pipeline.testing.emulator import EmbeddedAws
+from pipeline.testing.simulated_stream import (
     MAX_PAGE_BYTES,
     FaultSchedule,
     ManualClock,
@@ -208,7 +208,7 @@ def test_an_iterator_that_expires_mid_shard_is_replaced_after_the_last_record_re
                 clock.advance(16 * 60)  # the consumer stalls past the 15-minute TTL between two polls
 
     simulator.on_call(pause_after_third_page)
-    caplog.set_level(logging.INFO, logger="pipeline.reader")
+    caplog.set_level(logging.INFO, logger="pipeline.source.reader")
     pipeline, sink = run(stream, reader={"get_records_limit": 20})
     until_delivered(pipeline, sink, 200)
 
@@ -302,7 +302,7 @@ def test_skip_to_trim_horizon_goes_on_from_the_oldest_kept_record_and_says_so(
             readers.append(self)
 
     monkeypatch.setattr(pipeline.runner, "ShardReader", RecordingReader)
-    caplog.set_level(logging.ERROR, logger="pipeline.reader")
+    caplog.set_level(logging.ERROR, logger="pipeline.source.reader")
     second_run, sink = run(stream, source={"on_trimmed_data": "skip_to_trim_horizon"})
     until_delivered(second_run, sink, 30)
 

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from pipeline.cli import main
-from pipeline.emulator import EmbeddedAws
-from pipeline.simulated_stream import StreamSimulator
-from pipeline.tail import TailFormat, TailPacing, summary_line, tail
+from pipeline.ops.tail import TailFormat, TailPacing, summary_line, tail
+from pipeline.testing.emulator import EmbeddedAws
+from pipeline.testing.simulated_stream import StreamSimulator
 from tests.conftest import stream_records, unique, wait_until
 from tests.factories import change_record
 

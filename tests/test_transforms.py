@@ -13,13 +13,13 @@ import orjson
 import pytest
 from boto3.dynamodb.types import TypeSerializer
 
-from pipeline.dead_letter import JsonlDeadLetters
-from pipeline.delivery import Delivery, DeliveryBlockedError
-from pipeline.filters import FilterSettings, compile_filter, parse_filter
+from pipeline.delivery.dead_letter import JsonlDeadLetters
+from pipeline.delivery.driver import Delivery, DeliveryBlockedError
+from pipeline.delivery.filters import FilterSettings, compile_filter, parse_filter
+from pipeline.delivery.transforms import SinkFeed, TransformError, apply_transform, project
 from pipeline.records import Batch, ChangeRecord, change_record_from_stream
 from pipeline.retry import RetryPolicy
 from pipeline.settings import ConfigError, RetrySettings, load_settings
-from pipeline.transforms import SinkFeed, TransformError, apply_transform, project
 from sinks.memory import MemorySink
 from sinks.s3_parquet import archive_table
 from tests.factories import change_record

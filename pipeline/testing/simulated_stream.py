@@ -17,7 +17,7 @@ without a word. This module models what real streams do there:
 
 Time comes from an injectable clock (`ManualClock` moves only when told), so expiry and trimming are tested in
 milliseconds. The real boto3 client talks to the model at the wire level: `StreamSimulator.attach(client)` answers
-a client's requests in-process from a botocore `before-send` hook, and `pipeline.simulated_stream_server` serves
+a client's requests in-process from a botocore `before-send` hook, and `pipeline.testing.simulated_stream_server` serves
 the same model over HTTP for another process. Either way boto3 serializes, parses, raises and retries exactly as
 it does against AWS.
 """

@@ -20,10 +20,10 @@ from datetime import UTC, datetime
 
 import tenacity
 
-from pipeline.dead_letter import DeadLetters
+from pipeline.delivery.dead_letter import DeadLetters
+from pipeline.delivery.transforms import SinkFeed
 from pipeline.records import Batch, ChangeRecord
 from pipeline.retry import RetryPolicy
-from pipeline.transforms import SinkFeed
 from sinks.base import PermanentSinkError, RetryableSinkError, Sink, SinkError
 
 log = logging.getLogger(__name__)

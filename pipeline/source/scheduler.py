@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from pipeline.reader import ShardPage, ShardReader
+from pipeline.source.reader import ShardPage, ShardReader
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from botocore.exceptions import ClientError
 
 from pipeline.retry import RetryPolicy
-from pipeline.stream import ShardInfo
+from pipeline.source.stream import ShardInfo
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from typing import Any, TextIO
 import orjson
 import pyarrow.dataset as ds
 
-from pipeline.emulator import EmbeddedAws, create_stream_table
 from pipeline.runner import Pipeline
 from pipeline.settings import load_settings
+from pipeline.testing.emulator import EmbeddedAws, create_stream_table
 
 TABLE = "orders"
 REPLICA = "orders-replica"

@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
-from pipeline.simulated_stream import STREAMS_TARGET_PREFIX, StreamSimulator
+from pipeline.testing.simulated_stream import STREAMS_TARGET_PREFIX, StreamSimulator
 
 log = logging.getLogger(__name__)
 

@@ -28,13 +28,13 @@ import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.aws import AwsClients
-from pipeline.filters import FilterSyntaxError, compile_filter, parse_filter
-from pipeline.reader import ShardPage, ShardReader, StartPosition
+from pipeline.delivery.filters import FilterSyntaxError, compile_filter, parse_filter
 from pipeline.records import ChangeRecord, change_record_from_stream, to_json
 from pipeline.retry import RetryPolicy
-from pipeline.scheduler import PollScheduler
 from pipeline.settings import RetrySettings
-from pipeline.stream import (
+from pipeline.source.reader import ShardPage, ShardReader, StartPosition
+from pipeline.source.scheduler import PollScheduler
+from pipeline.source.stream import (
     ShardInfo,
     ShardLineage,
     StreamNotFoundError,

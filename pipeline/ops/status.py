@@ -20,11 +20,11 @@ from typing import Any, Literal, TextIO
 from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.aws import AwsClients
-from pipeline.checkpoint import Checkpoint, CheckpointStore
-from pipeline.reader import ShardReader, StartPosition, TrimmedDataError
 from pipeline.retry import RetryPolicy
 from pipeline.settings import Settings
-from pipeline.stream import ShardInfo, StreamNotFoundError, describe_shards, resolve_stream_arn
+from pipeline.source.reader import ShardReader, StartPosition, TrimmedDataError
+from pipeline.source.stream import ShardInfo, StreamNotFoundError, describe_shards, resolve_stream_arn
+from pipeline.state.checkpoint import Checkpoint, CheckpointStore
 
 ShardState = Literal["open", "closed", "done"]
 

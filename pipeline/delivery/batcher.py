@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pipeline.reader import ShardPage
 from pipeline.records import Batch, ChangeRecord, change_record_from_stream
 from pipeline.settings import BatchSettings
+from pipeline.source.reader import ShardPage
 
 
 class QueueClosedError(Exception):

@@ -18,7 +18,7 @@ from boto3.dynamodb.types import TypeSerializer
 from pydantic import AfterValidator
 from pydantic_core import PydanticCustomError
 
-from pipeline.filters import ADMIT_ALL, FilterSettings, RecordFilter, compile_filter
+from pipeline.delivery.filters import ADMIT_ALL, FilterSettings, RecordFilter, compile_filter
 from pipeline.records import Batch, ChangeRecord
 
 RecordTransform = Callable[[ChangeRecord], ChangeRecord | None]
