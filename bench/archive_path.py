@@ -7,7 +7,7 @@ HTTP send is answered in memory with the page's bytes:
 
 - ``naive``: what a first boto3 consumer writes: a default client, boto3's ``TypeDeserializer``, rows of
   ``json.dumps`` images, ``pa.Table.from_pylist``. The baseline the "vs naive" ratios are relative to.
-- ``streamsink``: a client from ``AwsClients`` (GetRecords decoded by msgspec in pipeline.source.wire,
+- ``streamsink``: a client from ``AwsClients`` (GetRecords decoded by msgspec in pipeline.wire,
   images kept as text),
   ``change_record_from_stream``, ``archive_table`` with the sink's default ``image_encoding = "dynamodb_json"``
   (images written from the stream record; the records' lazy images are never unmarshalled).

@@ -8,14 +8,14 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
-from pipeline.source.wire import install_fast_get_records
+from pipeline.wire import install_fast_get_records
 
 
 class AwsClients:
     """Builds and caches clients; boto3 clients are thread-safe once built, sessions are not.
 
     `fast_get_records` (on by default) has `dynamodbstreams` clients parse GetRecords bodies with orjson
-    (pipeline.source.wire): records arrive in wire form, about ten times cheaper than botocore's parser.
+    (pipeline.wire): records arrive in wire form, about ten times cheaper than botocore's parser.
     """
 
     def __init__(

@@ -10,6 +10,11 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
+from pipeline.ops.console import StatusLine, configure_logging
+from pipeline.ops.demo import run_demo
+from pipeline.ops.status import run_status
+from pipeline.ops.tail import run_tail
+from pipeline.runner import Pipeline
 from pipeline.settings import ConfigError, Settings, load_settings
 
 
@@ -72,9 +77,6 @@ def _settings(path: str) -> Settings | None:
 
 
 def run(settings: Settings) -> int:
-    from pipeline.ops.console import StatusLine, configure_logging
-    from pipeline.runner import Pipeline
-
     interactive = configure_logging(settings.runtime.log_level, settings.runtime.log_format)
 
     stop = threading.Event()
@@ -106,14 +108,9 @@ def run(settings: Settings) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
-        from pipeline.ops.console import configure_logging
-        from pipeline.ops.demo import run_demo
-
         configure_logging("WARNING", "text")
         return run_demo(changes=args.changes)
     if args.command == "tail":
-        from pipeline.ops.tail import run_tail
-
         return run_tail(
             table_name=args.table,
             stream_arn=args.stream_arn,
@@ -131,8 +128,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(settings.model_dump_json(indent=2))
         return 0
     if args.command == "status":
-        from pipeline.ops.status import run_status
-
         return run_status(settings, as_json=args.json, count_cap=args.count_behind)
     return run(settings)
 

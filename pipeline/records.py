@@ -10,7 +10,7 @@ unmarshalling is most of what a record costs, and the paths that carry the most 
 the images at all. Keys are small and read by almost everything (FIFO group ids, summaries, filters), so they are
 unmarshalled at once.
 
-Records decoded by `pipeline.source.wire` go one step further: their images are not even parsed. `WireRecord` is the
+Records decoded by `pipeline.wire` go one step further: their images are not even parsed. `WireRecord` is the
 stream record as a read-only mapping whose images are still the JSON text the service sent; an image is parsed
 when something reads it, and the archive copies the text as it is.
 """
@@ -126,7 +126,7 @@ _FIRST_USE = threading.Lock()
 class LazyImage(Mapping[str, Any]):
     """A read-only image, unmarshalled from its DynamoDB JSON on first access and kept.
 
-    The DynamoDB JSON is either a mapping or its text as the service sent it (records from `pipeline.source.wire`);
+    The DynamoDB JSON is either a mapping or its text as the service sent it (records from `pipeline.wire`);
     text is parsed on first use too, and text that is not a JSON object raises `UnmarshalError` then.
 
     It compares equal to the dict it stands for (either way round) and works wherever a mapping does: `dict(image)`,
@@ -355,7 +355,7 @@ class WireStreamRecord(_WireMapping):
 
 
 class WireRecord(_WireMapping):
-    """One element of GetRecords' `Records` as `pipeline.source.wire` decoded it: a read-only mapping equal to the dict
+    """One element of GetRecords' `Records` as `pipeline.wire` decoded it: a read-only mapping equal to the dict
     a JSON parser would give (binary as base64 text, the creation time as epoch seconds), built without parsing
     the images."""
 

@@ -12,51 +12,12 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import tenacity
-from botocore.exceptions import (
-    ClientError,
-    ConnectionClosedError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    HTTPClientError,
-    ReadTimeoutError,
-)
 
+from pipeline.errors import RetryableError, is_retryable
 from pipeline.settings import RetrySettings
-from sinks.base import RetryableSinkError
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-
-RETRYABLE_ERROR_CODES = frozenset(
-    {
-        "ProvisionedThroughputExceededException",
-        "ThrottlingException",
-        "Throttling",
-        "LimitExceededException",
-        "RequestLimitExceeded",
-        "TooManyRequestsException",
-        "InternalServerError",
-        "InternalFailure",
-        "ServiceUnavailable",
-        "SlowDown",
-        "RequestTimeout",
-        "RequestTimeoutException",
-    }
-)
-
-
-def is_retryable(exc: BaseException) -> bool:
-    """Throttling, 5xx and transport failures are worth another try; everything else is not."""
-    if isinstance(exc, RetryableSinkError):
-        return True
-    if isinstance(exc, ClientError):
-        code = exc.response.get("Error", {}).get("Code", "")
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return code in RETRYABLE_ERROR_CODES or status >= 500 or status == 429
-    return isinstance(
-        exc,
-        EndpointConnectionError | ConnectionClosedError | ReadTimeoutError | ConnectTimeoutError | HTTPClientError,
-    )
 
 
 class _BackoffWithHint(tenacity.wait.wait_base):
@@ -71,7 +32,7 @@ class _BackoffWithHint(tenacity.wait.wait_base):
         delay = random.uniform(ceiling / 2, ceiling)
         outcome = retry_state.outcome
         error = outcome.exception() if outcome is not None else None
-        if isinstance(error, RetryableSinkError) and error.retry_after:
+        if isinstance(error, RetryableError) and error.retry_after:
             delay = max(delay, error.retry_after)
         return delay
 

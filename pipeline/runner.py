@@ -6,21 +6,20 @@ per-shard order without locks), one discovery thread. The count does not grow wi
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 
 from pipeline.aws import AwsClients
 from pipeline.delivery.batcher import BatchAssembler, BoundedQueue, ClosedBatch, QueueClosedError
 from pipeline.delivery.dead_letter import build_dead_letters
 from pipeline.delivery.driver import Delivery
+from pipeline.delivery.feed import SinkFeed
 from pipeline.delivery.filters import compile_filter
-from pipeline.delivery.transforms import SinkFeed
 from pipeline.ops.metrics import MetricsServer, PipelineMetrics
+from pipeline.ops.view import PipelineStats
 from pipeline.retry import RetryPolicy
 from pipeline.settings import Settings
 from pipeline.source.reader import ShardPage, ShardReader, StartPosition, TrimmedDataError
@@ -35,17 +34,6 @@ log = logging.getLogger(__name__)
 
 class ShutdownInterruptedError(Exception):
     """A retry wait was cut short because the pipeline is being stopped hard."""
-
-
-@dataclass
-class PipelineStats:
-    events: collections.Counter[str] = field(default_factory=collections.Counter)
-    records_read: int = 0
-    filtered: int = 0
-    """Records the pipeline-wide [filter] dropped; their positions are checkpointed like delivered ones."""
-    checkpoints_written: int = 0
-    committed: dict[str, str] = field(default_factory=dict)
-    finished_shards: set[str] = field(default_factory=set)
 
 
 class Pipeline:

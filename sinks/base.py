@@ -27,8 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.delivery.filters import AttributeName, FilterSettings
-from pipeline.delivery.transforms import TransformReference
+from pipeline.errors import RetryableError
 from pipeline.records import Batch
 
 ClientFactory = Callable[..., Any]
@@ -39,12 +38,8 @@ class SinkError(Exception):
     """Base of the two error kinds every sink maps its client errors into."""
 
 
-class RetryableSinkError(SinkError):
+class RetryableSinkError(SinkError, RetryableError):
     """Throttling, 5xx, timeouts: trying again later may succeed. `retry_after` is a hint in seconds."""
-
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class PermanentSinkError(SinkError):
@@ -70,20 +65,6 @@ class SinkSettings(BaseModel):
     name: str | None = Field(default=None, description="Label in logs and dead letters; defaults to the type.")
     region: str | None = Field(default=None, description="Defaults to source.region.")
     endpoint_url: str | None = Field(default=None, description="Defaults to source.endpoint_url.")
-    filter: FilterSettings = Field(
-        default_factory=FilterSettings,
-        description="Which records this sink gets, after the pipeline-wide [filter]; unset: all of them.",
-    )
-    record_transform: TransformReference | None = Field(
-        default=None,
-        description="'package.module:function' called with each admitted ChangeRecord; returns the ChangeRecord "
-        "to deliver, or None to drop it for this sink. Applied by the pipeline, after `filter`.",
-    )
-    project: list[AttributeName] | None = Field(
-        default=None,
-        min_length=1,
-        description="Keep only these attributes (and the key attributes) in the images; after record_transform.",
-    )
 
 
 class Sink(ABC):

@@ -93,8 +93,8 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from pipeline.aws import AwsClients
-from pipeline.delivery.transforms import import_callable
 from pipeline.records import Batch, ChangeRecord
+from pipeline.user_code import import_callable
 from sinks.base import PermanentSinkError, RetryableSinkError, Sink, SinkError, SinkSettings, WriteResult
 
 SEQUENCE_WIDTH = 40

@@ -31,6 +31,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import Field
 
 from pipeline.aws import AwsClients
+from pipeline.errors import is_retryable
 from pipeline.records import Batch, ChangeRecord, to_json_bytes
 from sinks.base import PermanentSinkError, RetryableSinkError, Sink, SinkError, SinkSettings, WriteResult
 
@@ -400,10 +401,6 @@ def entry_error(failure: EntryFailure, what: str, event_id: str) -> SinkError:
 @contextmanager
 def mapped_errors(what: str) -> Iterator[None]:
     """The one place where SQS and SNS client errors become the sink's two error kinds."""
-    # Imported here, not at the top: pipeline.retry loads pipeline.settings, which loads the sink registry,
-    # which loads this module.
-    from pipeline.retry import is_retryable
-
     try:
         yield
     except SinkError:

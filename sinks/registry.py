@@ -1,4 +1,9 @@
-"""Sink type name -> config model and constructor. Adding a sink means one line in each table here."""
+"""Sink type name -> config entry and constructor. Adding a sink means one entry class and one line in each
+table here.
+
+A `[[sinks]]` entry is the sink's own settings joined to `SinkFeedSettings` (filter, record_transform, project):
+those keys are the pipeline's business, applied before the sink sees a record, so sinks never import them.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
+from pipeline.delivery.feed import SinkFeedSettings
 from sinks.base import Sink, SinkSettings
 from sinks.dynamodb_table import DynamoDbTableSink, DynamoDbTableSinkSettings
 from sinks.memory import MemorySink, MemorySinkSettings
@@ -14,8 +20,29 @@ from sinks.s3_parquet import S3ParquetSink, S3ParquetSinkSettings
 from sinks.sns import SnsSink, SnsSinkSettings
 from sinks.sqs import SqsSink, SqsSinkSettings
 
+
+class S3ParquetSinkEntry(S3ParquetSinkSettings, SinkFeedSettings):
+    __doc__ = S3ParquetSinkSettings.__doc__
+
+
+class SqsSinkEntry(SqsSinkSettings, SinkFeedSettings):
+    __doc__ = SqsSinkSettings.__doc__
+
+
+class SnsSinkEntry(SnsSinkSettings, SinkFeedSettings):
+    __doc__ = SnsSinkSettings.__doc__
+
+
+class DynamoDbTableSinkEntry(DynamoDbTableSinkSettings, SinkFeedSettings):
+    __doc__ = DynamoDbTableSinkSettings.__doc__
+
+
+class MemorySinkEntry(MemorySinkSettings, SinkFeedSettings):
+    __doc__ = MemorySinkSettings.__doc__
+
+
 SinkConfig = Annotated[
-    S3ParquetSinkSettings | SqsSinkSettings | SnsSinkSettings | DynamoDbTableSinkSettings | MemorySinkSettings,
+    S3ParquetSinkEntry | SqsSinkEntry | SnsSinkEntry | DynamoDbTableSinkEntry | MemorySinkEntry,
     Field(discriminator="type"),
 ]
 """The `[[sinks]]` entries of a config file: one model per sink type, chosen by `type`."""

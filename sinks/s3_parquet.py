@@ -7,7 +7,7 @@ object instead of adding a duplicate.
 
 Images are stored as `dynamodb_json` by default: the typed form exactly as the stream delivered it, which is also
 the format of DynamoDB's own export to S3. It is lossless (an `N` keeps its digit string, `B` stays base64 and
-apart from `S`, a set stays apart from a list) and it is the cheap path: a record read through `pipeline.source.wire`
+apart from `S`, a set stays apart from a list) and it is the cheap path: a record read through `pipeline.wire`
 still holds each image as the JSON text the service sent, and that text is copied into the column unparsed (a
 record from elsewhere, or one a transform changed, has its typed images encoded with `orjson.dumps`). `json`
 (plain JSON, numbers exact) is easier to query but has to parse and unmarshal every value and encode it back:
@@ -103,7 +103,7 @@ def archive_table(records: Sequence[ChangeRecord], encoding: ImageEncoding = "dy
     # JSON goes from orjson to Arrow as UTF-8 bytes: no decoding to str for Arrow to encode again.
     if encoding == "dynamodb_json":
         # From the stream record, never the images: reading those would unmarshal them. A record straight from
-        # pipeline.source.wire still holds each image as the service's text, copied as it is; other records have theirs
+        # pipeline.wire still holds each image as the service's text, copied as it is; other records have theirs
         # encoded (boto3's bytes back to base64), which gives the same JSON, and the same bytes when the service's
         # text is compact, as AWS's is.
         streams = [r.raw["dynamodb"] for r in records]

@@ -13,8 +13,9 @@ from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeou
 
 from pipeline.delivery.dead_letter import JsonlDeadLetters
 from pipeline.delivery.driver import Delivery, DeliveryBlockedError
+from pipeline.errors import is_retryable
 from pipeline.records import Batch, ChangeRecord
-from pipeline.retry import RetryPolicy, is_retryable
+from pipeline.retry import RetryPolicy
 from pipeline.settings import RetrySettings
 from sinks.base import PermanentSinkError, RetryableSinkError, Sink, SinkError, WriteResult
 from sinks.memory import FlakySink, MemorySink, refuse_event_ids

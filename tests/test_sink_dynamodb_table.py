@@ -16,7 +16,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError
 
 from pipeline.delivery.dead_letter import JsonlDeadLetters
 from pipeline.delivery.driver import Delivery
-from pipeline.delivery.transforms import SinkFeed
+from pipeline.delivery.feed import SinkFeed, SinkFeedSettings
 from pipeline.ops.demo import _item, write_changes
 from pipeline.records import Batch, ChangeRecord, change_record_from_stream
 from pipeline.retry import RetryPolicy
@@ -313,9 +313,8 @@ def test_the_pipelines_projection_and_this_sinks_rename_shape_the_replica(
 ) -> None:
     write_changes(dynamodb, table, 12)
     _churn(dynamodb, table)
-    options: dict[str, Any] = {"project": ["amount", "tags", "no_such_attribute"], "rename": {"amount": "total"}}
-    sink = make_sink(replica, **options)
-    feed = SinkFeed.of(DynamoDbTableSinkSettings(type="dynamodb_table", table_name=replica, **options))
+    sink = make_sink(replica, rename={"amount": "total"})
+    feed = SinkFeed.of(SinkFeedSettings(project=["amount", "tags", "no_such_attribute"]))
     delivery = Delivery([sink], retry=_NO_WAIT, dead_letters=JsonlDeadLetters(tmp_path / "dead.jsonl"), feeds=[feed])
     delivery.deliver(_batch(_changes(aws, table)))
 

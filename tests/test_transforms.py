@@ -15,8 +15,9 @@ from boto3.dynamodb.types import TypeSerializer
 
 from pipeline.delivery.dead_letter import JsonlDeadLetters
 from pipeline.delivery.driver import Delivery, DeliveryBlockedError
+from pipeline.delivery.feed import SinkFeed
 from pipeline.delivery.filters import FilterSettings, compile_filter, parse_filter
-from pipeline.delivery.transforms import SinkFeed, TransformError, apply_transform, project
+from pipeline.delivery.transforms import TransformError, apply_transform, project
 from pipeline.records import Batch, ChangeRecord, change_record_from_stream
 from pipeline.retry import RetryPolicy
 from pipeline.settings import ConfigError, RetrySettings, load_settings

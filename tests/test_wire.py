@@ -1,4 +1,4 @@
-"""GetRecords parsed by msgspec (pipeline.source.wire) against botocore's own parser: same records, same archive.
+"""GetRecords parsed by msgspec (pipeline.wire) against botocore's own parser: same records, same archive.
 
 Responses come from the moto server, or, for what moto never sends (TTL deletes, the service's exponent
 timestamps, error bodies), from a before-send hook on a real client: signing, retries, event hooks and
@@ -22,6 +22,7 @@ from botocore.exceptions import ClientError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline import wire
 from pipeline.aws import AwsClients
 from pipeline.ops.demo import write_changes
 from pipeline.records import (
@@ -32,9 +33,8 @@ from pipeline.records import (
     change_record_from_stream,
     to_json_bytes,
 )
-from pipeline.source import wire
-from pipeline.source.wire import parse_get_records
 from pipeline.testing.emulator import EmbeddedAws
+from pipeline.wire import parse_get_records
 from sinks.s3_parquet import archive_table
 
 DIGITS_38 = "12345678901234567890123456789012345678"
@@ -438,7 +438,7 @@ def test_a_record_with_a_field_the_decoder_does_not_know_keeps_it(
     body = orjson.dumps({"NextShardIterator": ITERATOR, "Records": future})
     canned.answer(body)
 
-    with caplog.at_level(logging.INFO, logger="pipeline.source.wire"):
+    with caplog.at_level(logging.INFO, logger="pipeline.wire"):
         fast, slow = canned.get_records()
 
     assert fast["Records"] == orjson.loads(body)["Records"]  # nothing dropped: the page was parsed in full

@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.aws import AwsClients
+from pipeline.errors import RetryableError
 from pipeline.records import ChangeRecord, to_json_bytes
 from pipeline.retry import RetryPolicy
 from pipeline.settings import DeadLetterSettings
-from sinks.base import RetryableSinkError, SinkError
+from sinks.base import SinkError
 
 
 def dead_letter_entry(record: ChangeRecord, sink_name: str, error: SinkError) -> dict[str, Any]:
@@ -202,7 +203,7 @@ class S3DeadLetters:
         self.count += len(entries)
 
 
-class _DeadLetterRetry(RetryableSinkError):
+class _DeadLetterRetry(RetryableError):
     """Some dead letters were not accepted; only those are sent again."""
 
 

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 import tenacity
 
 from pipeline.delivery.dead_letter import DeadLetters
-from pipeline.delivery.transforms import SinkFeed
+from pipeline.delivery.feed import SinkFeed
 from pipeline.records import Batch, ChangeRecord
 from pipeline.retry import RetryPolicy
 from sinks.base import PermanentSinkError, RetryableSinkError, Sink, SinkError

@@ -1,25 +1,22 @@
-"""What one sink is given: the records its `filter` admits, passed through its `record_transform`, then cut down
-to its `project` attributes, in that order.
+"""Per-sink record transforms: a user's `record_transform`, and `project`, each keeping `raw` in step.
 
-The filter sees whole records, so it can test attributes a projection later removes. A transform or projection
-that changes an image also rewrites `raw` (the stream record in DynamoDB JSON) to match, because sinks that
-forward the stream record as-is (SQS, SNS, the archive's `dynamodb_json` encoding) read `raw`, not the images:
-an attribute masked in `new_image` must not travel on in `raw`.
+A transform or projection that changes an image also rewrites `raw` (the stream record in DynamoDB JSON) to match,
+because sinks that forward the stream record as-is (SQS, SNS, the archive's `dynamodb_json` encoding) read `raw`,
+not the images: an attribute masked in `new_image` must not travel on in `raw`.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Annotated, Any, Protocol
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import replace
+from typing import Annotated, Any
 
 from boto3.dynamodb.types import TypeSerializer
 from pydantic import AfterValidator
 from pydantic_core import PydanticCustomError
 
-from pipeline.delivery.filters import ADMIT_ALL, FilterSettings, RecordFilter, compile_filter
-from pipeline.records import Batch, ChangeRecord
+from pipeline.records import ChangeRecord
+from pipeline.user_code import import_callable
 
 RecordTransform = Callable[[ChangeRecord], ChangeRecord | None]
 """Called with each admitted record; returns the record to deliver (e.g. `dataclasses.replace` with masked
@@ -32,31 +29,6 @@ _ABSENT = object()
 
 class TransformError(Exception):
     """A `record_transform` raised, or returned something that is not a ChangeRecord or None."""
-
-
-def import_callable(reference: str, *, expected: str) -> Callable[..., Any]:
-    """Import `"package.module:function"`; a ValueError says what is wrong and how to fix it.
-
-    `expected` describes the function wanted, for the message when the name is not callable.
-    """
-    module_name, colon, attribute = reference.partition(":")
-    if not colon or not module_name or not attribute or ":" in attribute:
-        raise ValueError('must be "package.module:function", e.g. "myapp.masking:mask_email"')
-    try:
-        target: Any = importlib.import_module(module_name)
-    except Exception as exc:
-        raise ValueError(
-            f"module {module_name!r} cannot be imported ({type(exc).__name__}: {exc}); install the package that "
-            "holds it or add its directory to PYTHONPATH"
-        ) from None
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise ValueError(f"module {module_name!r} has no {attribute!r}; define {expected} there or fix the name")
-        target = getattr(target, part)
-    if not callable(target):
-        raise ValueError(f"{attribute!r} is a {type(target).__name__}, not a function; name {expected}")
-    function: Callable[..., Any] = target
-    return function
 
 
 _EXPECTED = "a function taking a ChangeRecord and returning a ChangeRecord or None"
@@ -139,67 +111,3 @@ def project(record: ChangeRecord, attributes: Collection[str]) -> ChangeRecord:
 
 def _same_size(before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -> bool:
     return before is None or after is None or len(before) == len(after)
-
-
-class FeedSettings(Protocol):
-    """The per-sink fields every `[[sinks]]` entry has (sinks.base.SinkSettings)."""
-
-    @property
-    def filter(self) -> FilterSettings: ...
-
-    @property
-    def record_transform(self) -> str | None: ...
-
-    @property
-    def project(self) -> Sequence[str] | None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Prepared:
-    """One batch as one sink is to get it, and what happened to the rest."""
-
-    batch: Batch
-    filtered: int
-    """Records the filter did not admit, or the transform dropped: not failures, and never retried."""
-    failed: tuple[tuple[ChangeRecord, TransformError], ...]
-    """Records (as they came in) whose transform failed: refused for this sink, like a sink's own refusal."""
-
-
-@dataclass(frozen=True, slots=True)
-class SinkFeed:
-    """A sink's filter, transform and projection, resolved once when the pipeline is built."""
-
-    record_filter: RecordFilter = ADMIT_ALL
-    transform: RecordTransform | None = None
-    keep: frozenset[str] | None = None
-
-    @classmethod
-    def of(cls, settings: FeedSettings) -> SinkFeed:
-        return cls(
-            compile_filter(settings.filter),
-            None if settings.record_transform is None else resolve_record_transform(settings.record_transform),
-            None if settings.project is None else frozenset(settings.project),
-        )
-
-    def prepare(self, batch: Batch) -> Prepared:
-        if self.record_filter.admits_all and self.transform is None and self.keep is None:
-            return Prepared(batch, 0, ())
-        given: list[ChangeRecord] = []
-        filtered = 0
-        failed: list[tuple[ChangeRecord, TransformError]] = []
-        for record in batch.records:
-            if not self.record_filter.admits(record):
-                filtered += 1
-                continue
-            shaped: ChangeRecord | None = record
-            if self.transform is not None:
-                try:
-                    shaped = apply_transform(self.transform, record)
-                except TransformError as error:
-                    failed.append((record, error))
-                    continue
-            if shaped is None:
-                filtered += 1
-                continue
-            given.append(shaped if self.keep is None else project(shaped, self.keep))
-        return Prepared(Batch(tuple(given), sum(r.size_bytes for r in given)), filtered, tuple(failed))

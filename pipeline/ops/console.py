@@ -11,12 +11,11 @@ import sys
 import threading
 import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
 import orjson
 
-if TYPE_CHECKING:
-    from pipeline.runner import Pipeline
+from pipeline.ops.view import PipelineView
 
 NOISY_LOGGERS = ("botocore", "boto3", "s3fs", "aiobotocore", "urllib3", "werkzeug")
 
@@ -54,7 +53,7 @@ def configure_logging(level: str, log_format: str, stream: TextIO | None = None)
 class StatusLine:
     """Rewrites one terminal line every `interval` seconds: throughput, lag, queue, sinks, errors."""
 
-    def __init__(self, pipeline: Pipeline, stream: TextIO | None = None, interval: float = 1.0) -> None:
+    def __init__(self, pipeline: PipelineView, stream: TextIO | None = None, interval: float = 1.0) -> None:
         self._pipeline = pipeline
         self._stream = stream or sys.stderr
         self._interval = interval

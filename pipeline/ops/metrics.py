@@ -17,16 +17,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from pipeline.ops.view import PipelineView
 from pipeline.records import Batch
-
-if TYPE_CHECKING:
-    from pipeline.runner import Pipeline
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10_000)
@@ -41,7 +39,7 @@ class Health:
 class PipelineMetrics:
     """The metrics of one pipeline, on a registry of its own (several pipelines may share a process)."""
 
-    def __init__(self, pipeline: Pipeline, stall_seconds: float) -> None:
+    def __init__(self, pipeline: PipelineView, stall_seconds: float) -> None:
         self._pipeline = pipeline
         self.stall_seconds = stall_seconds
         self.registry = CollectorRegistry(auto_describe=True)
@@ -107,7 +105,7 @@ class PipelineMetrics:
 class _StateCollector(Collector):
     """Reads counters and gauges from the pipeline at scrape time."""
 
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: PipelineView) -> None:
         self._pipeline = pipeline
 
     def collect(self) -> Iterator[Metric]:

@@ -15,8 +15,8 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
+from pipeline.errors import RetryableError
 from pipeline.retry import RetryPolicy
-from sinks.base import RetryableSinkError
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class CheckpointStore:
         return item
 
 
-class _UnprocessedCheckpoints(RetryableSinkError):
+class _UnprocessedCheckpoints(RetryableError):
     """BatchWriteItem returned UnprocessedItems: write those again after a back-off."""
 
 
