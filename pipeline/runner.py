@@ -2,15 +2,20 @@
 
 Threads: `reader.poll_workers` pollers, one delivery thread (batches, sinks, checkpoints: a single writer keeps
 per-shard order without locks), one discovery thread. The count does not grow with the number of shards.
+
+Two retry policies share the settings but not their patience: reading (GetRecords, DescribeStream) stops
+retrying the moment a stop is requested, so a throttled stream cannot eat the shutdown budget; delivering (sink
+writes, flushes, dead letters, checkpoints) goes on until the drain is done or the shutdown timeout has passed.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 from pipeline.aws import AwsClients
 from pipeline.delivery.batcher import BatchAssembler, BoundedQueue, ClosedBatch, QueueClosedError
@@ -24,16 +29,41 @@ from pipeline.retry import RetryPolicy
 from pipeline.settings import Settings
 from pipeline.source.reader import ShardPage, ShardReader, StartPosition, TrimmedDataError
 from pipeline.source.scheduler import PollScheduler
-from pipeline.source.stream import ShardInfo, ShardLineage, describe_shards, resolve_stream_arn, table_name_of
-from pipeline.state.checkpoint import Checkpoint, CheckpointStore
-from sinks.base import Sink
+from pipeline.source.stream import (
+    ShardInfo,
+    ShardLineage,
+    StreamNotFoundError,
+    describe_shards,
+    resolve_stream_arn,
+    table_name_of,
+)
+from pipeline.state.checkpoint import CheckpointStore, StoredState, StreamStart
+from sinks.base import Sink, SinkError
 from sinks.registry import build_sink
 
 log = logging.getLogger(__name__)
 
 
 class ShutdownInterruptedError(Exception):
-    """A retry wait was cut short because the pipeline is being stopped hard."""
+    """A retry wait was cut short because the pipeline is being stopped."""
+
+
+class StreamChangedError(Exception):
+    """The table's stream is not the one this consumer has been reading (it was disabled and enabled again)."""
+
+
+class SinkOpenError(Exception):
+    """A sink could not be opened at start-up; the message names the sink and what is wrong."""
+
+
+def stream_changed_message(table: str, old: str, new: str) -> str:
+    return (
+        f"table {table!r}: its stream changed from {old} to {new} (the stream was disabled and enabled again); "
+        "changes made while no stream was enabled are in neither stream. The old stream's unread records stay "
+        f'readable for 24 hours after it was disabled: deliver them with source.stream_arn = "{old}" until '
+        f'`streamsink status` shows every shard done, then go on with source.stream_arn = "{new}" '
+        "(read as a first start: source.starting_position applies)"
+    )
 
 
 class Pipeline:
@@ -55,7 +85,9 @@ class Pipeline:
             else [build_sink(s, region=source.region, endpoint_url=source.endpoint_url) for s in settings.sinks]
         )
         self._hard_stop = threading.Event()
-        self.retry = RetryPolicy(settings.retry, sleep=self._interruptible_sleep)
+        self._stopping = threading.Event()
+        self.retry = RetryPolicy(settings.retry, sleep=self._sleep_unless_stopped_hard)
+        self.source_retry = RetryPolicy(settings.retry, sleep=self._sleep_unless_stopping)
         self.stats = PipelineStats()
         self.lineage = ShardLineage()
         self.queue = BoundedQueue(settings.batch.queue_capacity, settings.batch.queue_max_bytes)
@@ -79,18 +111,24 @@ class Pipeline:
         self.stream_arn = ""
         self.fatal: BaseException | None = None
         self.started_at: float | None = None
+        self.store: CheckpointStore | None = None
+        self.stream_start: StreamStart | None = None
+        self.discovery_failing_since: float | None = None
+        self.discovery_error: str | None = None
+        self.reading_nothing_since: float | None = None
         self.metrics = PipelineMetrics(self, stall_seconds=settings.metrics.stall_seconds)
         self.metrics_server: MetricsServer | None = None
-        self._checkpoints: dict[str, Checkpoint] = {}
-        self._initial_shards: set[str] = set()
-        self._first_start = False
-        self._started: set[str] = set()
+        self._first_run = False
+        """This process wrote the first-start record: LATEST shards may take a LATEST iterator."""
+        self._check_unknown_parents = True
+        self._initial_open: set[str] = set()
+        self._reading: set[str] = set()
+        """Shards handed to the scheduler and not yet finished."""
+        self._all_finished_logged = False
         self._draining = threading.Event()
-        self._stopping = threading.Event()
         self._discover_now = threading.Event()
         self._delivery_thread: threading.Thread | None = None
         self._discovery_thread: threading.Thread | None = None
-        self._store: CheckpointStore | None = None
         self._assembler: BatchAssembler | None = None
 
     # -- start -------------------------------------------------------------------------------------------
@@ -107,39 +145,32 @@ class Pipeline:
             self.stream_arn = source.stream_arn
         else:
             assert source.table_name is not None
-            self.stream_arn = resolve_stream_arn(self.clients.client("dynamodb"), source.table_name, self.retry)
+            self.stream_arn = resolve_stream_arn(self.clients.client("dynamodb"), source.table_name, self.source_retry)
         self._assembler = BatchAssembler(self.settings.batch, table_name_of(self.stream_arn))
-        self._store = CheckpointStore(
+        store = self.store = CheckpointStore(
             self.clients.client("dynamodb"),
             table_name=self.settings.checkpoint.table_name,
             stream_arn=self.stream_arn,
             consumer_name=self.settings.checkpoint.consumer_name,
             retry=self.retry,
         )
-        self._store.ensure_table(self.settings.checkpoint.create_table)
-        self._checkpoints = self._store.load()
-        self._first_start = not self._checkpoints
-        self.lineage.mark_finished(cp.shard_id for cp in self._checkpoints.values() if cp.finished)
-        self.stats.committed.update(
-            {cp.shard_id: cp.sequence_number for cp in self._checkpoints.values() if cp.sequence_number}
-        )
-        for sink in self.sinks:
-            sink.open()
-
-        shards = describe_shards(self.clients.client("dynamodbstreams"), self.stream_arn, self.retry)
+        store.ensure_table(self.settings.checkpoint.create_table)
+        self._check_stream_in_use(store)
+        state = store.load_state()
+        shards = describe_shards(self.clients.client("dynamodbstreams"), self.stream_arn, self.source_retry)
         self.lineage.update(shards)
-        self._initial_shards = {s.shard_id for s in shards}
-        if self._first_start and source.starting_position == "LATEST":
-            # Starting at LATEST means: nothing from before now. Closed shards hold only the past.
-            skipped = {s.shard_id for s in shards if s.closed}
-            if skipped:
-                self._store.save({}, skipped)
-                self.lineage.mark_finished(skipped)
+        self._open_destinations()
+        self.stream_start = self._fix_start(store, state, shards)
+        self._reconcile(shards)
+        rows = store.known()
+        self.lineage.mark_finished(shard_id for shard_id, row in rows.items() if row.finished)
+        self.stats.committed.update({s: row.sequence_number for s, row in rows.items() if row.sequence_number})
         log.info(
-            "stream %s: %d shard(s), %d checkpoint(s), sinks: %s",
+            "stream %s: %d shard(s), %d checkpoint(s), started %s, sinks: %s",
             self.stream_arn,
             len(shards),
-            len(self._checkpoints),
+            sum(1 for row in rows.values() if row.sequence_number),
+            _describe_start(self.stream_start),
             ", ".join(s.name for s in self.sinks),
         )
 
@@ -150,36 +181,150 @@ class Pipeline:
         self._discovery_thread = threading.Thread(target=self._discovery_loop, name="discovery", daemon=True)
         self._discovery_thread.start()
 
-    def _start_position(self, shard: ShardInfo) -> StartPosition:
-        checkpoint = self._checkpoints.get(shard.shard_id)
-        if checkpoint is not None and checkpoint.sequence_number is not None:
-            return StartPosition.after(checkpoint.sequence_number)
-        if (
-            self._first_start
-            and self.settings.source.starting_position == "LATEST"
-            and shard.shard_id in self._initial_shards
-        ):
-            return StartPosition("LATEST")
-        # A shard that appears later holds changes made after we started: all of them are wanted.
-        return StartPosition("TRIM_HORIZON")
+    def _check_stream_in_use(self, store: CheckpointStore) -> None:
+        """Reading by table name, the stream must be the one this consumer read before; an explicit stream ARN
+        becomes the one in use (that is how an operator moves on to a new stream)."""
+        table_arn = self.stream_arn.split("/stream/", 1)[0]
+        in_use = store.stream_in_use(table_arn)
+        if self.settings.source.table_name is not None and in_use is not None and in_use != self.stream_arn:
+            raise StreamChangedError(stream_changed_message(self.settings.source.table_name, in_use, self.stream_arn))
+        if in_use != self.stream_arn:
+            store.use_stream(table_arn, self.stream_arn)
+
+    def _open_destinations(self) -> None:
+        """Open every sink and check the dead-letter destination: outages are retried, refusals name what."""
+        for sink in self.sinks:
+            try:
+                self.retry.call(f"opening sink {sink.name}", sink.open)
+            except SinkError as error:
+                raise SinkOpenError(f"sink {sink.name}: {error}") from error
+        self.dead_letters.open()
+
+    def _fix_start(self, store: CheckpointStore, state: StoredState, shards: list[ShardInfo]) -> StreamStart:
+        """What "where shards without a checkpoint begin" means for this consumer, fixed at its first start and
+        recorded before anything is read, so that every later start, expired iterator and new shard honours it."""
+        source = self.settings.source
+        now = datetime.now(UTC).isoformat()
+        if state.start is not None:
+            configured = source.starting_position
+            if state.start.starting_position != configured or (
+                configured == "AT_TIMESTAMP" and state.start.since != _since(self.settings)
+            ):
+                log.warning(
+                    "source.starting_position applies at the first start only: this consumer started %s (recorded "
+                    "in checkpoint table %s); use a new checkpoint.consumer_name to start over",
+                    _describe_start(state.start),
+                    store.table_name,
+                )
+            return state.start
+        if any(row.sequence_number for row in state.checkpoints.values()):
+            # Checkpoints from a version that kept no first-start record: shards without one read everything.
+            log.info("no record of this consumer's first start; shards without a checkpoint are read from the oldest")
+            store.register((s.shard_id, s.parent_shard_id) for s in shards)
+            self._check_unknown_parents = False
+            return store.record_start(StreamStart("TRIM_HORIZON", None, now))
+        position = source.starting_position
+        skipped = {s.shard_id for s in shards if s.closed} if position == "LATEST" else set()
+        # LATEST means: nothing from before now. Closed shards hold only the past.
+        store.register(((s.shard_id, s.parent_shard_id) for s in shards), finished=skipped)
+        self.lineage.mark_finished(skipped)
+        self._check_unknown_parents = False  # parents that aged out before the first start are none of ours
+        ours = StreamStart(position, _since(self.settings), now)
+        fixed = store.record_start(ours)
+        self._first_run = fixed == ours
+        self._initial_open = {s.shard_id for s in shards if not s.closed}
+        return fixed
+
+    def _start_position(self, shard: ShardInfo) -> tuple[StartPosition, float | None]:
+        """Where a shard is read from, and from which creation time its records count."""
+        assert self.store is not None and self.stream_start is not None
+        row = self.store.checkpoint(shard.shard_id)
+        if row is not None and row.sequence_number is not None:
+            return StartPosition.after(row.sequence_number), None
+        since = None if self.stream_start.since is None else float(self.stream_start.since)
+        if self._first_run and self.stream_start.starting_position == "LATEST" and shard.shard_id in self._initial_open:
+            return StartPosition("LATEST"), since
+        return StartPosition("TRIM_HORIZON"), since
 
     def _schedule_readable(self) -> None:
         streams = self.clients.client("dynamodbstreams")
-        for shard in self.lineage.readable(exclude=self._started):
-            self._started.add(shard.shard_id)
+        for shard in self.lineage.readable(exclude=self._reading):
+            self._reading.add(shard.shard_id)
+            start, not_before = self._start_position(shard)
             reader = ShardReader(
                 shard,
                 stream_arn=self.stream_arn,
                 streams=streams,
-                retry=self.retry,
-                start=self._start_position(shard),
+                retry=self.source_retry,
+                start=start,
                 limit=self.settings.reader.get_records_limit,
                 on_trimmed_data=self.settings.source.on_trimmed_data,
+                not_before=not_before,
             )
             if reader.start.kind == "LATEST":
                 reader.fix_position()
-            log.info("reading shard %s from %s", shard.shard_id, reader.start.kind)
+            log.info(
+                "reading shard %s from %s%s",
+                shard.shard_id,
+                reader.start if start.kind != "LATEST" else start,
+                "" if not_before is None else f" (changes made since {_iso(not_before)})",
+            )
             self.scheduler.add(reader)
+
+    # -- what the stream lists, against what the checkpoints say ---------------------------------------------
+
+    def _reconcile(self, shards: list[ShardInfo]) -> None:
+        """Shards the stream lists against the rows of the checkpoint table: say loudly what was lost, give new
+        shards their rows, and forget rows nothing needs any more."""
+        assert self.store is not None
+        listed = {s.shard_id for s in shards}
+        rows = self.store.known()
+        lost: list[tuple[str, str]] = []
+        for row in rows.values():
+            if not row.finished and row.shard_id not in listed and row.shard_id not in self._reading:
+                where = f"after sequence number {row.sequence_number}" if row.sequence_number else "from its start"
+                lost.append((row.shard_id, f"its records {where} were never delivered"))
+        if self._check_unknown_parents:
+            for shard in shards:
+                parent = shard.parent_shard_id
+                if shard.shard_id not in rows and parent and parent not in listed and parent not in rows:
+                    lost.append((parent, f"the parent of {shard.shard_id}, it came and went unread"))
+        for shard_id, what in lost:
+            self._aged_out(shard_id, what)
+        self.store.register((s.shard_id, s.parent_shard_id) for s in shards)
+        self._check_unknown_parents = True
+        self._forget_finished(shards)
+
+    def _aged_out(self, shard_id: str, what: str) -> None:
+        """A shard whose records were needed has left the stream (closed more than 24 hours ago)."""
+        assert self.store is not None
+        message = (
+            f"shard {shard_id} aged out of the stream (closed more than 24 hours ago) before it was read to its "
+            f"end: {what}, and they are gone"
+        )
+        if self.settings.source.on_trimmed_data == "fail":
+            raise TrimmedDataError(
+                f"{message} (source.on_trimmed_data = 'skip_to_trim_horizon' goes on with its children)"
+            )
+        log.error("%s; going on with its children (source.on_trimmed_data = 'skip_to_trim_horizon')", message)
+        self.stats.aged_out_skips += 1
+        self.store.save({}, {shard_id})
+        self.lineage.mark_finished([shard_id])
+
+    def _forget_finished(self, shards: list[ShardInfo]) -> None:
+        """Rows and in-memory state of shards long finished: gone from the stream, with no unfinished child."""
+        assert self.store is not None
+        listed = {s.shard_id for s in shards}
+        rows = self.store.known()
+        needed = {row.parent_shard_id for row in rows.values() if not row.finished and row.parent_shard_id}
+        needed |= {s.parent_shard_id for s in shards if s.parent_shard_id and not self.lineage.is_finished(s.shard_id)}
+        done = [s for s, row in rows.items() if row.finished and s not in listed and s not in needed]
+        if done:
+            self.store.prune(done)
+            log.info("forgot %d finished shard(s) that aged out of the stream", len(done))
+        for shard_id in [s for s in self.stats.committed if s not in listed and s not in self._reading]:
+            del self.stats.committed[shard_id]
+        self.metrics.forget(set(self.metrics.committed_shards()) - listed - self._reading)
 
     # -- readers -----------------------------------------------------------------------------------------
 
@@ -188,6 +333,7 @@ class Pipeline:
 
     def _on_shard_error(self, reader: ShardReader, error: BaseException) -> float | None:
         if isinstance(error, QueueClosedError | ShutdownInterruptedError):
+            self._reading.discard(reader.shard_id)
             return None
         if isinstance(error, TrimmedDataError):
             self._fail(error)
@@ -204,12 +350,61 @@ class Pipeline:
             if self._stopping.is_set():
                 return
             try:
-                self.lineage.update(describe_shards(streams, self.stream_arn, self.retry))
+                self._check_stream_unchanged()
+                shards = describe_shards(streams, self.stream_arn, self.source_retry)
+            except ShutdownInterruptedError:
+                return
+            except StreamChangedError as error:
+                self._fail(error)
+                return
+            except Exception as exc:
+                if self.discovery_failing_since is None:
+                    self.discovery_failing_since = time.time()
+                self.discovery_error = f"{type(exc).__name__}: {exc}"
+                log.error("shard discovery failed, trying again in %.0fs: %s", interval, exc)
+                continue
+            self.discovery_failing_since = self.discovery_error = None
+            self.lineage.update(shards)
+            try:
+                self._reconcile(shards)
                 self._schedule_readable()
+            except TrimmedDataError as error:
+                self._fail(error)
+                return
             except ShutdownInterruptedError:
                 return
             except Exception as exc:
-                log.error("shard discovery failed, trying again in %.0fs: %s", interval, exc)
+                log.error("updating shard state failed, trying again in %.0fs: %s", interval, exc)
+            self._note_what_is_read()
+
+    def _check_stream_unchanged(self) -> None:
+        table = self.settings.source.table_name
+        if table is None:
+            return
+        try:
+            latest = resolve_stream_arn(self.clients.client("dynamodb"), table, self.source_retry)
+        except StreamNotFoundError:
+            log.warning(
+                "table %s has no stream enabled now; reading what stream %s still holds", table, self.stream_arn
+            )
+            return
+        if latest != self.stream_arn:
+            raise StreamChangedError(stream_changed_message(table, self.stream_arn, latest))
+
+    def _note_what_is_read(self) -> None:
+        """No shard being read while some are unfinished is a stall (health says so after stall_seconds)."""
+        unfinished = self.lineage.unfinished()
+        if self.scheduler.active_shard_ids() or not unfinished:
+            self.reading_nothing_since = None
+        elif self.reading_nothing_since is None:
+            self.reading_nothing_since = time.time()
+        if not unfinished and not self._all_finished_logged:
+            self._all_finished_logged = True
+            log.warning(
+                "every shard of stream %s is finished: the stream was disabled or its table deleted; "
+                "nothing more will arrive on it",
+                self.stream_arn,
+            )
 
     # -- delivery ----------------------------------------------------------------------------------------
 
@@ -241,7 +436,12 @@ class Pipeline:
                     positions.update(item.positions)
                     record_times.update((r.shard_id, r.approximate_creation_time) for r in item.batch.records)
                     finished |= item.finished_shards
-                if (positions or finished) and (drained or finished or self.delivery.flush_due(time.monotonic())):
+                    # Commit what is durable as it becomes durable: a process that never lives through a whole
+                    # page (an OOM loop, a strict liveness probe) still moves forward batch by batch.
+                    if self._commit_due(positions, finished, drained):
+                        self._commit(positions, finished, record_times)
+                        positions, finished, record_times = {}, set(), {}
+                if self._commit_due(positions, finished, drained):
                     self._commit(positions, finished, record_times)
                     positions, finished, record_times = {}, set(), {}
                 if drained and self.queue.depth[0] == 0:
@@ -250,17 +450,22 @@ class Pipeline:
             self._fail(exc)
             self.queue.close()  # nobody drains it any more: release readers waiting to put
 
+    def _commit_due(self, positions: dict[str, str], finished: set[str], drained: bool) -> bool:
+        return bool(positions or finished) and (drained or bool(finished) or self.delivery.flush_due(time.monotonic()))
+
     def _commit(self, positions: dict[str, str], finished: set[str], record_times: dict[str, datetime]) -> None:
         """Everything delivered so far becomes durable in every sink, then the checkpoint records it."""
-        assert self._store is not None
+        assert self.store is not None
         self.delivery.flush()
-        self._store.save(positions, finished, record_times)
+        self.store.save(positions, finished, record_times)
         self.stats.checkpoints_written += 1
         self.stats.committed.update(positions)
         self.metrics.observe_commit(set(positions))
         if finished:
-            self.stats.finished_shards |= finished
+            self.stats.shards_finished += len(finished)
             self.lineage.mark_finished(finished)
+            self._reading -= finished
+            self.metrics.forget(finished)
             self._discover_now.set()  # children of a finished shard may be read now
 
     # -- stop --------------------------------------------------------------------------------------------
@@ -272,9 +477,13 @@ class Pipeline:
         self._stopping.set()
         self._discover_now.set()
 
-    def _interruptible_sleep(self, seconds: float) -> None:
+    def _sleep_unless_stopped_hard(self, seconds: float) -> None:
         if self._hard_stop.wait(seconds):
             raise ShutdownInterruptedError("stopped while waiting to retry")
+
+    def _sleep_unless_stopping(self, seconds: float) -> None:
+        if self._stopping.wait(seconds):
+            raise ShutdownInterruptedError("stopping: no more reading")
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until a fatal error or `request_stop`; True if stopping was requested or failed."""
@@ -313,3 +522,26 @@ class Pipeline:
         if self.metrics_server is not None:
             self.metrics_server.stop()
         return clean and self.fatal is None
+
+
+def _since(settings: Settings) -> int | None:
+    """The earliest creation time a first start delivers, whole seconds (DynamoDB rounds creation times down)."""
+    source = settings.source
+    if source.starting_position == "LATEST":
+        return math.floor(time.time())
+    if source.starting_position == "AT_TIMESTAMP":
+        assert source.starting_timestamp is not None
+        return math.floor(source.starting_timestamp.timestamp())
+    return None
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _describe_start(start: StreamStart | None) -> str:
+    if start is None:
+        return "-"
+    if start.since is None:
+        return f"at {start.starting_position}"
+    return f"at {start.starting_position} (changes made since {_iso(start.since)})"

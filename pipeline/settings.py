@@ -9,13 +9,15 @@ from __future__ import annotations
 import tomllib
 import types
 import typing
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pipeline.delivery.filters import FilterSettings
+from pipeline.object_names import normalized_prefix
 from sinks.registry import SINK_TYPES, SinkConfig
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
@@ -28,10 +30,17 @@ class SourceSettings(BaseModel):
 
     table_name: str | None = Field(default=None, description="Table whose latest stream is read.")
     stream_arn: str | None = Field(default=None, description="A stream ARN; use instead of table_name.")
-    starting_position: Literal["TRIM_HORIZON", "LATEST"] = Field(
+    starting_position: Literal["TRIM_HORIZON", "LATEST", "AT_TIMESTAMP"] = Field(
         default="TRIM_HORIZON",
-        description="Where to start shards present at first start with no checkpoint. Shards that appear "
-        "later are always read from TRIM_HORIZON.",
+        description="What the first start delivers: 'TRIM_HORIZON' everything the stream still holds (24 hours), "
+        "'LATEST' only changes made after the first start, 'AT_TIMESTAMP' changes made at or after "
+        "source.starting_timestamp. Recorded at the first start and honoured by every later start; a checkpoint "
+        "always wins.",
+    )
+    starting_timestamp: datetime | None = Field(
+        default=None,
+        description="For starting_position = 'AT_TIMESTAMP': an ISO 8601 time with its offset, e.g. "
+        "2026-11-30T08:00:00Z. Whole seconds count: DynamoDB rounds creation times down to the second.",
     )
     region: str = "us-east-1"
     endpoint_url: str | None = Field(default=None, description="Any AWS-compatible endpoint (moto, LocalStack).")
@@ -46,6 +55,21 @@ class SourceSettings(BaseModel):
     def _one_stream(self) -> SourceSettings:
         if (self.table_name is None) == (self.stream_arn is None):
             raise ValueError("set exactly one of source.table_name or source.stream_arn")
+        if self.starting_position == "AT_TIMESTAMP" and self.starting_timestamp is None:
+            raise ValueError(
+                "source.starting_timestamp: required when source.starting_position = 'AT_TIMESTAMP' "
+                "(e.g. starting_timestamp = 2026-11-30T08:00:00Z)"
+            )
+        if self.starting_position != "AT_TIMESTAMP" and self.starting_timestamp is not None:
+            raise ValueError(
+                "source.starting_timestamp: only used with source.starting_position = 'AT_TIMESTAMP'; "
+                "remove it or set starting_position"
+            )
+        if self.starting_timestamp is not None and self.starting_timestamp.tzinfo is None:
+            raise ValueError(
+                "source.starting_timestamp: give the time with its offset, e.g. 2026-11-30T08:00:00Z or "
+                "2026-11-30T09:00:00+01:00"
+            )
         if self.stream_arn is not None and ":table/" not in self.stream_arn:
             raise ValueError("source.stream_arn must look like arn:aws:dynamodb:REGION:ACCOUNT:table/NAME/stream/LABEL")
         return self
@@ -145,9 +169,17 @@ class DeadLetterSettings(BaseModel):
     )
     queue_url: str | None = Field(default=None, description="SQS queue URL, for destination 'sqs'.")
     bucket: str | None = Field(default=None, description="S3 bucket, for destination 's3'.")
-    prefix: str = Field(default="dead-letters/", description="S3 key prefix, for destination 's3'.")
+    prefix: str = Field(
+        default="dead-letters/",
+        description="S3 key prefix, for destination 's3'; a trailing '/' is added when missing.",
+    )
     region: str | None = Field(default=None, description="Defaults to source.region.")
     endpoint_url: str | None = Field(default=None, description="Defaults to source.endpoint_url.")
+
+    @field_validator("prefix")
+    @classmethod
+    def _slash_terminated(cls, prefix: str) -> str:
+        return normalized_prefix(prefix)
 
     @model_validator(mode="after")
     def _destination_is_complete(self) -> DeadLetterSettings:

@@ -10,6 +10,8 @@ Who calls what, and when (all calls come from the pipeline's single delivery thr
   `RetryableSinkError` or `PermanentSinkError` means the whole batch failed.
 - `flush_due(now)` after each write: may the pipeline flush and checkpoint now? A sink that buffers (the
   Parquet archive) answers True when its buffer is big or old enough; sinks that write through answer True.
+  `buffer_full()`: the buffer is past its byte limit, so it must be flushed now whatever the other sinks say.
+  `max_buffer_seconds`: the longest a taken record may wait for a flush (health allows for it).
 - `flush()` before every checkpoint: make everything taken so far durable. If it raises, the checkpoint is not
   written and the pipeline retries the flush.
 - `close()` once at shutdown, after the final flush.
@@ -21,25 +23,39 @@ no I/O, so building a sink from a config cannot fail on the network.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import RetryableError
 from pipeline.records import Batch
 
-ClientFactory = Callable[..., Any]
-"""`factory(service_name, region=None, endpoint_url=None)` -> a boto3 client configured for this pipeline."""
-
 
 class SinkError(Exception):
-    """Base of the two error kinds every sink maps its client errors into."""
+    """Base of the two error kinds every sink maps its client errors into.
+
+    `str(error)` goes to logs, `/healthz` and the console, so it names the destination, the record and the
+    service's error code, never an item value. `detail` is the service's (or user code's) own wording, which can
+    quote values (`Unsupported type ... for value ...`): it is written only to the dead-letter destination,
+    beside the record it is about.
+    """
+
+    def __init__(self, message: str, *, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail
+
+    def full_text(self) -> str:
+        """The message and the detail, for the dead-letter destination only."""
+        return f"{self}: {self.detail}" if self.detail else str(self)
 
 
 class RetryableSinkError(SinkError, RetryableError):
     """Throttling, 5xx, timeouts: trying again later may succeed. `retry_after` is a hint in seconds."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, detail: str | None = None) -> None:
+        SinkError.__init__(self, message, detail=detail)
+        self.retry_after = retry_after
 
 
 class PermanentSinkError(SinkError):
@@ -83,6 +99,15 @@ class Sink(ABC):
     def flush_due(self, now: float) -> bool:
         """True when the pipeline may flush and checkpoint now (`now` is `time.monotonic()`)."""
         return True
+
+    def buffer_full(self) -> bool:
+        """True when the buffer is past its byte limit: flush now, even if other sinks are not due."""
+        return False
+
+    @property
+    def max_buffer_seconds(self) -> float:
+        """The longest a taken record waits in this sink's buffer before `flush_due` asks for a flush."""
+        return 0.0
 
     def flush(self) -> None:  # noqa: B027 - optional hook
         """Make every record taken so far durable."""

@@ -258,7 +258,7 @@ class DynamoDbTableSink(Sink):
                     f"table {settings.table_name!r} does not exist in {self._region} (endpoint "
                     f"{self._endpoint_url or 'AWS'}); create it with the key the replica should have"
                 )
-            raise error or PermanentSinkError(f"table {settings.table_name!r}: {exc}") from exc
+            raise error or PermanentSinkError(f"table {settings.table_name!r}: {type(exc).__name__}") from exc
         schema = sorted(table["KeySchema"], key=lambda k: k["KeyType"] != "HASH")
         self._key_names = tuple(k["AttributeName"] for k in schema)
         self._key_description = ", ".join(f"{k['AttributeName']} {k['KeyType']}" for k in schema)
@@ -338,7 +338,7 @@ class DynamoDbTableSink(Sink):
             result = self._transform(record)
         except Exception as exc:
             raise PermanentSinkError(
-                f"transform {path!r} raised {type(exc).__name__} for event {record.event_id}: {exc}"
+                f"transform {path!r} raised {type(exc).__name__} for event {record.event_id}", detail=str(exc)
             ) from exc
         if result is None:
             return None
@@ -351,7 +351,9 @@ class DynamoDbTableSink(Sink):
             return {_attribute_name(name): self._serializer.serialize(value) for name, value in result.items()}
         except (TypeError, ValueError, ArithmeticError) as exc:
             raise PermanentSinkError(
-                f"transform {path!r} returned a value DynamoDB cannot store for event {record.event_id}: {exc}"
+                f"transform {path!r} returned a value DynamoDB cannot store for event {record.event_id} "
+                f"({type(exc).__name__})",
+                detail=str(exc),
             ) from exc
 
     def _shaped(self, record: ChangeRecord, image: Mapping[str, Any]) -> dict[str, Any]:
@@ -397,6 +399,7 @@ class DynamoDbTableSink(Sink):
                         f"event {later.record.event_id} held back: event {write.record.event_id}, an earlier "
                         f"change to the same item, failed ({error})",
                         retry_after=error.retry_after,
+                        detail=error.detail,
                     )
                 break
         return failed
@@ -427,7 +430,7 @@ def _classified(what: str, exc: ClientError | BotoCoreError) -> SinkError | None
     """The one place where botocore errors become the sink's two error kinds.
 
     None means the write's condition failed: the item already holds this change or a newer one, so the record
-    is taken."""
+    is taken. The service's own message goes to `detail` (it may quote a value), the code to the message."""
     if isinstance(exc, ClientError):
         code = _code(exc)
         if code == "ConditionalCheckFailedException":
@@ -435,13 +438,13 @@ def _classified(what: str, exc: ClientError | BotoCoreError) -> SinkError | None
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
         message = exc.response.get("Error", {}).get("Message", "") or str(exc)
         if code in _RETRYABLE_CODES or status >= 500 or status == 429:
-            return RetryableSinkError(f"{what}: {code or status}: {message}")
-        return PermanentSinkError(f"{what}: {code or status}: {message}")
+            return RetryableSinkError(f"{what}: {code or status}", detail=message)
+        return PermanentSinkError(f"{what}: {code or status}", detail=message)
     if isinstance(exc, _TRANSPORT_ERRORS):
-        return RetryableSinkError(f"{what}: {type(exc).__name__}: {exc}")
+        return RetryableSinkError(f"{what}: {type(exc).__name__}", detail=str(exc))
     if isinstance(exc, ParamValidationError):
-        return PermanentSinkError(f"{what}: the request is not valid: {exc}")
-    return PermanentSinkError(f"{what}: {type(exc).__name__}: {exc}")
+        return PermanentSinkError(f"{what}: the request is not valid (ParamValidationError)", detail=str(exc))
+    return PermanentSinkError(f"{what}: {type(exc).__name__}", detail=str(exc))
 
 
 def _attribute_name(name: Any) -> str:

@@ -394,8 +394,9 @@ def _hold_back(
 
 def entry_error(failure: EntryFailure, what: str, event_id: str) -> SinkError:
     """A sender fault (invalid or too large) fails again if resent; anything else is the service's to retry."""
-    text = f"{what} refused record {event_id}: {failure.code}: {failure.message}"
-    return PermanentSinkError(text) if failure.sender_fault else RetryableSinkError(text)
+    text = f"{what} refused record {event_id}: {failure.code}"
+    error_kind = PermanentSinkError if failure.sender_fault else RetryableSinkError
+    return error_kind(text, detail=failure.message or None)
 
 
 @contextmanager
@@ -408,13 +409,13 @@ def mapped_errors(what: str) -> Iterator[None]:
     except ClientError as exc:
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
-        text = f"{what}: {code}: {error.get('Message', exc)}"
+        detail = str(error.get("Message", "")) or None
         if code in _MISSING_DESTINATION_CODES:
             raise PermanentSinkError(f"{what} does not exist or is not visible to these credentials ({code})") from exc
         if code in _THROTTLING_CODES or is_retryable(exc):
-            raise RetryableSinkError(text) from exc
-        raise PermanentSinkError(text) from exc  # access denied, validation, KMS key disabled, ...
+            raise RetryableSinkError(f"{what}: {code}", detail=detail) from exc
+        raise PermanentSinkError(f"{what}: {code}", detail=detail) from exc  # access denied, validation, KMS ...
     except BotoCoreError as exc:
         if is_retryable(exc):  # connection resets, timeouts
-            raise RetryableSinkError(f"{what}: {type(exc).__name__}: {exc}") from exc
-        raise PermanentSinkError(f"{what}: {type(exc).__name__}: {exc}") from exc
+            raise RetryableSinkError(f"{what}: {type(exc).__name__}", detail=str(exc)) from exc
+        raise PermanentSinkError(f"{what}: {type(exc).__name__}", detail=str(exc)) from exc

@@ -27,10 +27,14 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import Field, field_validator
 
+from pipeline.aws import AwsClients
+from pipeline.errors import error_code, http_status, is_retryable
+from pipeline.object_names import UnsafeNameError, checked_sequence_number, checked_shard_id, normalized_prefix
 from pipeline.records import Batch, ChangeRecord, WireStreamRecord, to_json_bytes
-from sinks.base import PermanentSinkError, RetryableSinkError, Sink, SinkSettings, WriteResult
+from sinks.base import PermanentSinkError, RetryableSinkError, Sink, SinkError, SinkSettings, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +88,7 @@ class S3ParquetSinkSettings(SinkSettings):
     @field_validator("prefix")
     @classmethod
     def _slash_terminated(cls, prefix: str) -> str:
-        prefix = prefix.lstrip("/")
-        return prefix if not prefix or prefix.endswith("/") else prefix + "/"
+        return normalized_prefix(prefix)
 
 
 def _json_or_none(value: Any) -> bytes | None:
@@ -159,6 +162,18 @@ def _runs_by_part(records: Sequence[ChangeRecord]) -> dict[tuple[str, str], list
     return runs
 
 
+def _unnamable(records: Sequence[ChangeRecord]) -> dict[str, SinkError]:
+    """Records whose shard id or sequence number cannot be part of an object name, refused with the reason."""
+    refused: dict[str, SinkError] = {}
+    for record in records:
+        try:
+            checked_shard_id(record.shard_id)
+            checked_sequence_number(record.sequence_number)
+        except UnsafeNameError as error:
+            refused[record.event_id] = PermanentSinkError(f"record {record.event_id}: {error}; not archived")
+    return refused
+
+
 def partition_of(record: ChangeRecord) -> str:
     t = record.approximate_creation_time
     return f"dt={t:%Y-%m-%d}/hour={t:%H}"
@@ -195,7 +210,8 @@ class S3ParquetSink(Sink):
         self._buffered_bytes = 0
         self._oldest: float | None = None
         self._uploads: ThreadPoolExecutor | None = None
-        self.objects_written: list[str] = []
+        self.objects_written = 0
+        self.last_object: str | None = None
 
     def open(self) -> None:
         if self._fs is None:
@@ -211,16 +227,42 @@ class S3ParquetSink(Sink):
                 skip_instance_cache=True,
             )
             self._fs.retries = 1  # not a constructor argument: passed there it breaks exists()
-        with _mapped_errors(f"bucket {self._settings.bucket!r}"):
-            if not self._fs.exists(self._settings.bucket):
+            self._check_bucket()
+        elif not self._fs.exists(self._settings.bucket):  # a filesystem given by the caller (local, tests)
+            raise PermanentSinkError(f"bucket {self._settings.bucket!r} does not exist")
+
+    def _check_bucket(self) -> None:
+        """HeadBucket, so that a missing bucket, a denial and an outage are told apart (s3fs's exists() answers
+        False to all three): an outage is retryable, the others are refusals that name the bucket."""
+        bucket = self._settings.bucket
+        s3 = AwsClients(self._region, self._endpoint_url).client("s3")
+        try:
+            s3.head_bucket(Bucket=bucket)
+        except ClientError as exc:
+            status = http_status(exc)
+            if status == 404 or error_code(exc) in ("404", "NoSuchBucket", "NotFound"):
                 raise PermanentSinkError(
-                    f"bucket {self._settings.bucket!r} does not exist or is not visible to these credentials"
-                )
+                    f"bucket {bucket!r} does not exist in {self._region} (endpoint {self._endpoint_url or 'AWS'})"
+                ) from exc
+            if status == 403:
+                raise PermanentSinkError(
+                    f"bucket {bucket!r}: access denied (HTTP 403); the credentials need s3:ListBucket on it"
+                ) from exc
+            if is_retryable(exc):
+                raise RetryableSinkError(f"bucket {bucket!r}: HeadBucket failed: {error_code(exc) or status}") from exc
+            raise PermanentSinkError(f"bucket {bucket!r}: HeadBucket failed: {error_code(exc) or status}") from exc
+        except BotoCoreError as exc:
+            raise RetryableSinkError(f"bucket {bucket!r}: HeadBucket failed: {type(exc).__name__}") from exc
 
     def write(self, batch: Batch) -> WriteResult:
         records = batch.records
         if not records:
             return WriteResult()
+        unnamable = _unnamable(records)
+        if unnamable:
+            records = tuple(r for r in records if r.event_id not in unnamable)
+            if not records:
+                return WriteResult(failed=unnamable)
         table = archive_table(records, self._settings.image_encoding)
         for key, runs in _runs_by_part(records).items():
             part = self._parts.setdefault(key, _PartBuffer())
@@ -233,15 +275,19 @@ class S3ParquetSink(Sink):
             self._buffered_bytes += sum(rows.nbytes for rows in slices)
         if self._oldest is None:
             self._oldest = time.monotonic()
-        return WriteResult()
+        return WriteResult(failed=unnamable)
 
     def flush_due(self, now: float) -> bool:
         if self._oldest is None:
             return True
-        return (
-            self._buffered_bytes >= self._settings.buffer_max_bytes
-            or now - self._oldest >= self._settings.buffer_max_seconds
-        )
+        return self.buffer_full() or now - self._oldest >= self._settings.buffer_max_seconds
+
+    def buffer_full(self) -> bool:
+        return self._buffered_bytes >= self._settings.buffer_max_bytes
+
+    @property
+    def max_buffer_seconds(self) -> float:
+        return self._settings.buffer_max_seconds
 
     def flush(self) -> None:
         """Write every buffered part, several at once; each part is forgotten once written, so a retry after a
@@ -258,7 +304,8 @@ class S3ParquetSink(Sink):
             if error is not None:
                 errors.append(error)
                 continue
-            self.objects_written.append(future.result())
+            self.objects_written += 1
+            self.last_object = future.result()
             self._buffered_bytes -= sum(t.nbytes for t in self._parts[key].tables)
             del self._parts[key]
         if errors:
@@ -295,7 +342,8 @@ def _mapped_errors(what: str) -> Iterator[None]:
         yield
     except (PermanentSinkError, RetryableSinkError):
         raise
+    # S3's answers name the object and the error, never a row's values: their text is safe to log.
     except (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError) as exc:
-        raise PermanentSinkError(f"{what}: {exc}") from exc
+        raise PermanentSinkError(f"{what}: {type(exc).__name__}: {exc}") from exc
     except Exception as exc:  # connection resets, timeouts, 5xx, throttling from s3fs or botocore
         raise RetryableSinkError(f"{what}: {type(exc).__name__}: {exc}") from exc

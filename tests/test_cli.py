@@ -32,7 +32,7 @@ STREAMSINK = [sys.executable, "-m", "pipeline.cli"]
         ('[source]\ntable_name = "t"\n[[sinks]]\ntype = "kafka"\n', "sinks[0].type: must be one of s3_parquet"),
         (
             '[source]\ntable_name = "t"\nstarting_position = "EARLIEST"\n[[sinks]]\ntype = "memory"\n',
-            "source.starting_position: Input should be 'TRIM_HORIZON' or 'LATEST' (got 'EARLIEST')",
+            "source.starting_position: Input should be 'TRIM_HORIZON', 'LATEST' or 'AT_TIMESTAMP' (got 'EARLIEST')",
         ),
         ('[source]\ntable_name = "t"\n[batch]\nmax_records = 0\n[[sinks]]\ntype = "memory"\n', "batch.max_records"),
         ("[source]\n[[sinks]]\ntype = 'memory'\n", "set exactly one of source.table_name or source.stream_arn"),

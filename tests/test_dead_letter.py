@@ -116,7 +116,7 @@ def test_s3_dead_letters_are_one_jsonl_object_per_refusal(aws: EmbeddedAws) -> N
         ("2", "item too large"),
         ("3", "access denied"),
     ]
-    assert dead_letters.location == f"s3://{bucket}/refused/"
+    assert dead_letters.location == f"dead-letter bucket s3://{bucket}/refused/"
 
 
 def test_a_pipeline_sends_refused_records_to_the_configured_queue_and_goes_on(
@@ -168,7 +168,7 @@ def test_the_destination_is_built_from_settings(aws: EmbeddedAws, queue_url: str
     )
     built = build_dead_letters(settings.dead_letter, clients, _policy())
     assert isinstance(built, SqsDeadLetters)
-    assert built.location == queue_url
+    assert built.location == f"dead-letter SQS queue {queue_url}"
     default = load_settings(source={"table_name": "t"}, sinks=[{"type": "memory"}])
     assert isinstance(build_dead_letters(default.dead_letter, clients, _policy()), JsonlDeadLetters)
 

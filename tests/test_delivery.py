@@ -252,23 +252,53 @@ def test_records_failing_retryably_are_retried_alone_until_taken(dead_letters: J
     assert delivery.stats.delivered == {"recording": 4}
 
 
-def test_records_failing_retryably_max_attempts_times_are_dead_lettered(
+def takes_one_per_call(batch: Batch) -> WriteResult:
+    """A destination that is up but takes only the first entry of every call (heavily throttled)."""
+    return WriteResult(failed={r.event_id: RetryableSinkError(f"throttled {r.event_id}") for r in batch.records[1:]})
+
+
+def test_records_failing_while_others_are_taken_are_dead_lettered_after_max_attempts(
     dead_letters: JsonlDeadLetters,
 ) -> None:
-    records = _records(3)
-    sink = RecordingSink(fail_retryably({"e2": 3}))
+    sink = RecordingSink(takes_one_per_call)
     delivery = _delivery([sink], dead_letters)
-    delivery.deliver(_batch(records))
+    delivery.deliver(_batch(_records(5)))
 
-    assert sink.writes == [["e1", "e2", "e3"], ["e2"], ["e2"]]
-    assert _ids(sink.taken) == ["e1", "e3"]
-    (entry,) = _dead(dead_letters)
-    assert entry["event_id"] == "e2"
-    assert entry["sink"] == "recording"
-    assert "throttled e2" in entry["error"]
-    assert entry["record"]["eventID"] == "e2"
-    assert delivery.stats.delivered == {"recording": 2}
-    assert delivery.stats.dead_lettered == {"recording": 1}
+    # Three attempts in which the destination took something: the limit applies to what is left.
+    assert sink.writes == [["e1", "e2", "e3", "e4", "e5"], ["e2", "e3", "e4", "e5"], ["e3", "e4", "e5"]]
+    assert _ids(sink.taken) == ["e1", "e2", "e3"]
+    entries = _dead(dead_letters)
+    assert [e["event_id"] for e in entries] == ["e4", "e5"]
+    assert all(e["sink"] == "recording" and "throttled" in e["error"] for e in entries)
+    assert entries[0]["record"]["eventID"] == "e4"
+    assert delivery.stats.delivered == {"recording": 3}
+    assert delivery.stats.dead_lettered == {"recording": 2}
+
+
+def test_a_record_failing_on_its_own_is_an_outage_waited_out_past_max_attempts(
+    dead_letters: JsonlDeadLetters,
+) -> None:
+    """Once only e2 is left, every record of the write fails: nothing tells a down destination from a record
+    the destination refuses, so it is retried like an outage and never dead-lettered."""
+    sink = RecordingSink(fail_retryably({"e2": 12}))
+    delivery = _delivery([sink], dead_letters)
+    delivery.deliver(_batch(_records(3)))
+
+    assert sink.writes == [["e1", "e2", "e3"]] + [["e2"]] * 12
+    assert _ids(sink.taken) == ["e1", "e3", "e2"]
+    assert _dead(dead_letters) == []
+    assert delivery.stats.dead_lettered == {}
+
+
+def test_every_record_failing_retryably_is_an_outage_however_long_it_lasts(dead_letters: JsonlDeadLetters) -> None:
+    """A replica whose every PutItem times out reports each record retryable: that is the destination down."""
+    sink = RecordingSink(fail_retryably({"e1": 20, "e2": 20, "e3": 20}))
+    delivery = _delivery([sink], dead_letters)
+    delivery.deliver(_batch(_records(3)))
+
+    assert len(sink.writes) == 21 and sink.writes[-1] == ["e1", "e2", "e3"]
+    assert _ids(sink.taken) == ["e1", "e2", "e3"]
+    assert _dead(dead_letters) == []
 
 
 def test_mixed_refusals_and_retries_in_one_write(dead_letters: JsonlDeadLetters) -> None:
@@ -344,9 +374,9 @@ def test_block_stops_bisection_before_anything_after_the_refused_record_is_writt
 
 
 def test_block_stops_on_exhausted_retries_too(dead_letters: JsonlDeadLetters) -> None:
-    sink = RecordingSink(fail_retryably({"e1": 3}))
-    with pytest.raises(DeliveryBlockedError, match="e1"):
-        _delivery([sink], dead_letters, on_failure="block").deliver(_batch(_records(2)))
+    sink = RecordingSink(takes_one_per_call)
+    with pytest.raises(DeliveryBlockedError, match="e4"):
+        _delivery([sink], dead_letters, on_failure="block").deliver(_batch(_records(5)))
     assert not dead_letters.path.exists()
 
 

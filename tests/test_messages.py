@@ -15,7 +15,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError, ParamValid
 
 from pipeline.ops.demo import _item
 from pipeline.records import ChangeRecord, change_record_from_stream
-from sinks.base import PermanentSinkError, RetryableSinkError
+from sinks.base import PermanentSinkError, RetryableSinkError, SinkError
 from sinks.messages import (
     MAX_BATCH_ENTRIES,
     MAX_MESSAGE_BYTES,
@@ -316,7 +316,8 @@ def test_entry_failures_map_sender_faults_to_permanent_and_the_rest_to_retryable
     result = send_in_calls(_messages(records, fifo=False), calls, fifo=False, what="queue q")
     assert set(result.failed) == {"e001", "e002"}
     assert isinstance(result.failed["e001"], PermanentSinkError)
-    assert "InvalidParameterValue: bad delay" in str(result.failed["e001"])
+    assert "InvalidParameterValue: bad delay" in result.failed["e001"].full_text()
+    assert "bad delay" not in str(result.failed["e001"])  # the service's words go to the dead letter only
     assert isinstance(result.failed["e002"], RetryableSinkError)
 
 
@@ -366,8 +367,8 @@ def _client_error(code: str, status: int) -> ClientError:
         (_client_error("AccessDenied", 403), PermanentSinkError, "AccessDenied"),
         (_client_error("AWS.SimpleQueueService.NonExistentQueue", 400), PermanentSinkError, "does not exist"),
         (_client_error("NotFound", 404), PermanentSinkError, "does not exist"),
-        (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), RetryableSinkError, "Could not connect"),
-        (ParamValidationError(report="bad entry"), PermanentSinkError, "bad entry"),
+        (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), RetryableSinkError, "EndpointConnectionError"),
+        (ParamValidationError(report="bad entry"), PermanentSinkError, "ParamValidationError"),
     ],
     ids=["throttling", "sqs-throttled", "5xx", "access-denied", "no-queue", "no-topic", "connection", "validation"],
 )
@@ -375,3 +376,7 @@ def test_client_errors_map_to_the_two_kinds(error: Exception, kind: type[Excepti
     with pytest.raises(kind, match=words) as raised, mapped_errors("SQS queue q"):
         raise error
     assert "SQS queue q" in str(raised.value)
+    assert isinstance(raised.value, SinkError)
+    # The service's own words (which may quote a value) are kept apart, for the dead-letter destination only.
+    if "does not exist" not in str(raised.value):
+        assert raised.value.detail == ("m" if isinstance(error, ClientError) else str(error))

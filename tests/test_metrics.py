@@ -15,7 +15,7 @@ from pipeline.ops.console import JsonLogFormatter, StatusLine, configure_logging
 from pipeline.runner import Pipeline
 from pipeline.settings import Settings
 from pipeline.testing.emulator import EmbeddedAws
-from sinks.base import RetryableSinkError
+from sinks.base import PermanentSinkError
 from sinks.memory import FlakySink, MemorySink
 from tests.conftest import wait_until
 
@@ -140,8 +140,8 @@ def test_the_status_line_shows_throughput_queue_and_sinks(
     aws: EmbeddedAws, table: str, make_settings: Callable[..., Settings]
 ) -> None:
     _write(aws, table, 12)
-    sink = FlakySink("copy", refuse=lambda r: RetryableSinkError("busy") if r.keys["pk"] == "p3" else None)
-    pipeline = Pipeline(make_settings(retry={"max_attempts": 2}), sinks=[sink])
+    sink = FlakySink("copy", refuse=lambda r: PermanentSinkError("too big") if r.keys["pk"] == "p3" else None)
+    pipeline = Pipeline(make_settings(), sinks=[sink])
     pipeline.start()
     try:
         wait_until(lambda: pipeline.delivery.stats.dead_lettered.get("copy") == 1, what="a dead letter")

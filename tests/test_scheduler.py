@@ -73,7 +73,10 @@ def test_a_page_is_at_its_limit_when_cut_by_the_record_limit_or_the_size_cap(aws
         )
 
     by_size = reader(limit=1000)
-    pages = [by_size.poll() for _ in range(4)]
+    pages = []
+    for _ in range(4):
+        pages.append(by_size.poll())
+        by_size.advance(pages[-1])
     counts = [len(p.records) for p in pages]
     assert sum(counts) == 700 and counts[-1] == 0 and 0 < counts[0] < 1000
     assert [p.at_limit for p in pages] == [True, True, False, False]  # the third holds the last ~100

@@ -591,4 +591,6 @@ def test_the_server_forwards_everything_else_to_the_backend_so_one_endpoint_serv
         assert sorted(r.event_id for r in sink.records) == sorted(r["eventID"] for r in stream.records())
         assert server.forwarded > 0  # the checkpoint table went to moto through the same endpoint
         checkpoints = aws.client("dynamodb").scan(TableName=settings.checkpoint.table_name)["Items"]
-        assert {c["shard_id"]["S"] for c in checkpoints} == set(stream.open_shard_ids())
+        assert {c["shard_id"]["S"] for c in checkpoints if c["shard_id"]["S"].startswith("shardId")} == set(
+            stream.open_shard_ids()
+        )

@@ -459,7 +459,8 @@ def test_items_dynamodb_refuses_are_failed_per_record_and_the_rest_are_taken(
     result = sink.write(_batch([good[0], too_large, good[1], keys_only, good[2]]))
     assert set(result.failed) == {too_large.event_id, keys_only.event_id}
     assert isinstance(result.failed[too_large.event_id], PermanentSinkError)
-    assert "Item size has exceeded the maximum allowed size" in str(result.failed[too_large.event_id])
+    assert "ValidationException" in str(result.failed[too_large.event_id])
+    assert "Item size has exceeded the maximum allowed size" in result.failed[too_large.event_id].full_text()
     assert isinstance(result.failed[keys_only.event_id], PermanentSinkError)
     assert "carries no NewImage" in str(result.failed[keys_only.event_id])
     assert set(_scan(dynamodb, replica)) == {("customer#1", f"order#{n}") for n in range(3)}
@@ -481,7 +482,8 @@ def test_a_transform_result_that_cannot_be_written_is_failed_per_record_with_the
     assert all(isinstance(e, PermanentSinkError) for e in result.failed.values())
     assert "has no key attribute 'sk'" in reasons["no-key"]
     assert "the transform must return them" in reasons["no-key"]
-    assert "cannot store" in reasons["float"] and "Float types are not supported" in reasons["float"]
+    assert "cannot store" in reasons["float"] and "(TypeError)" in reasons["float"]
+    assert "Float types are not supported" in result.failed[refused["float"].event_id].full_text()
     assert "raised KeyError" in reasons["raises"]
     assert set(_scan(dynamodb, replica)) == {("c", "order#1"), ("c", "order#2")}
 

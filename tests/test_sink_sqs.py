@@ -321,7 +321,7 @@ def test_an_entry_the_queue_refuses_is_reported_permanent_and_the_others_are_tak
     assert list(result.failed) == [refused]
     error = result.failed[refused]
     assert isinstance(error, PermanentSinkError)
-    assert "InvalidParameterValue" in str(error) and "DelaySeconds" in str(error)
+    assert "InvalidParameterValue" in str(error) and "DelaySeconds" in error.full_text()
     delivered = [json.loads(m["Body"])["eventID"] for m in receive_all(sqs, queue_url)]
     assert sorted(delivered) == sorted(r.event_id for r in records if r.event_id != refused)
 

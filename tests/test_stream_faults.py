@@ -147,7 +147,7 @@ def test_splits_while_records_flow_deliver_parents_before_children_and_lose_noth
     delivered = [r.sequence_number for r in sink.records]
     for shard in closed:
         assert shard.last_sequence_number in delivered, f"the last record of {shard.shard_id} was lost"
-    wait_until(lambda: {s.shard_id for s in closed} <= pipeline.stats.finished_shards, what="parents finished")
+    wait_until(lambda: all(pipeline.lineage.is_finished(s.shard_id) for s in closed), what="parents finished")
     position = {r.event_id: n for n, r in enumerate(sink.records)}
     for parent in closed:
         children = [s.shard_id for s in shards if s.parent_shard_id == parent.shard_id]
@@ -185,7 +185,7 @@ def test_a_chain_of_roll_overs_every_four_hours_is_followed_to_the_newest_shard(
     assert len(chain) == 6 and chain[0].shard_id == first
     assert {s.shard_id for s in sink.records} == {s.shard_id for s in chain}  # each found by discovery
     wait_until(
-        lambda: {s.shard_id for s in chain[:-1]} <= pipeline.stats.finished_shards, what="closed generations finished"
+        lambda: all(pipeline.lineage.is_finished(s.shard_id) for s in chain[:-1]), what="closed generations finished"
     )
     assert simulator.counts["GetRecords:ExpiredIteratorException"] >= 1
 

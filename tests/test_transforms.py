@@ -169,9 +169,9 @@ def test_a_transform_that_writes_its_own_raw_keeps_it() -> None:
 @pytest.mark.parametrize(
     ("transform", "message"),
     [
-        (explode, "record_transform raised KeyError: 'email'"),
+        (explode, "record_transform raised KeyError"),
         (as_dict, "record_transform returned a dict; return a ChangeRecord"),
-        (add_float, "record_transform returned a new_image DynamoDB cannot hold: Float types are not supported"),
+        (add_float, "record_transform returned a new_image DynamoDB cannot hold (TypeError)"),
     ],
 )
 def test_a_failing_transform_is_a_transform_error(transform: Any, message: str) -> None:
@@ -239,7 +239,7 @@ def test_records_a_transform_drops_count_as_filtered_and_failures_keep_the_recor
     original = customer()
     failing = _feed(record_transform=f"{HERE}:explode").prepare(_batch(original))
     assert failing.batch.records == ()
-    assert [(r, str(e)) for r, e in failing.failed] == [(original, "record_transform raised KeyError: 'email'")]
+    assert [(r, str(e)) for r, e in failing.failed] == [(original, "record_transform raised KeyError")]
 
 
 def test_a_feed_without_settings_passes_the_batch_through() -> None:
@@ -293,8 +293,12 @@ def test_a_failing_transform_dead_letters_the_original_record_for_that_sink_only
     assert delivery.stats.delivered == {"healthy": 1, "broken": 0}
     (entry,) = [orjson.loads(line) for line in (tmp_path / "dead.jsonl").read_bytes().splitlines()]
     assert entry["sink"] == "broken" and entry["event_id"] == "e1"
-    assert entry["error"] == "record_transform raised KeyError: 'email'"
-    assert entry["record"]["dynamodb"]["NewImage"]["email"] == {"S": "c1@example.com"}
+    assert entry["error"] == "sink broken: record_transform raised KeyError"
+    # The transform may be the masking step: its refusal keeps the keys and the position, not the images.
+    assert entry["record"] is None and "images_withheld" in entry
+    assert entry["keys"] == original.raw["dynamodb"]["Keys"]
+    assert entry["sequence_number"] == original.sequence_number
+    assert b"c1@example.com" not in (tmp_path / "dead.jsonl").read_bytes()
 
 
 def test_a_failing_transform_stops_the_pipeline_when_nothing_may_be_skipped(tmp_path: Path) -> None:

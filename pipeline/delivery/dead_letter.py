@@ -5,9 +5,15 @@ records before the stream trims them. A dead letter here carries the record itse
 replayed at any time.
 
 Three destinations share one entry format (`dead_letter_entry`): a local JSONL file, an SQS queue (one message
-per record) and S3 (one JSONL object per refusal). `put` returns only when the entries are durable, so the
-checkpoint that follows never outruns them; if the destination stays down past the retry policy, `put` raises
-and the pipeline stops without checkpointing: the records are read again on restart, never lost.
+per record) and S3 (one JSONL object per refusal). `open()` checks the destination at start, like a sink. `put`
+returns only when the entries are durable, so the checkpoint that follows never outruns them; a destination that
+is down is waited out like a sink outage (retried until it answers or the pipeline is stopped hard), and one that
+refuses for good (missing, access denied) stops the pipeline without checkpointing: the records are read again
+on restart, never lost. Every error names the dead-letter destination, so it is never mistaken for a sink's.
+
+A record refused by its sink's `record_transform` is written without its images: that transform may be the
+masking step, and the images are what it was to mask. Such an entry keeps the keys, the position, the sink and
+the error's kind; a sink's refusal keeps the full record and the full reason.
 """
 
 from __future__ import annotations
@@ -15,31 +21,50 @@ from __future__ import annotations
 import os
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+import tenacity
+from botocore.exceptions import BotoCoreError, ClientError
+
 from pipeline.aws import AwsClients
-from pipeline.errors import RetryableError
+from pipeline.errors import RetryableError, error_code
+from pipeline.object_names import key_segment, normalized_prefix
 from pipeline.records import ChangeRecord, to_json_bytes
 from pipeline.retry import RetryPolicy
 from pipeline.settings import DeadLetterSettings
-from sinks.base import SinkError
+from sinks.base import PermanentSinkError, SinkError
+
+
+class WithheldImagesError(PermanentSinkError):
+    """A refusal whose dead letter must not carry the record's images (a failed `record_transform`)."""
+
+
+class DeadLetterError(Exception):
+    """The dead-letter destination refused for good (missing, access denied, not writable)."""
 
 
 def dead_letter_entry(record: ChangeRecord, sink_name: str, error: SinkError) -> dict[str, Any]:
-    return {
+    entry: dict[str, Any] = {
         "sink": sink_name,
-        "error": str(error),
+        "error": error.full_text() if not isinstance(error, WithheldImagesError) else str(error),
         "error_kind": type(error).__name__,
         "failed_at": datetime.now(UTC).isoformat(),
         "event_id": record.event_id,
         "shard_id": record.shard_id,
         "sequence_number": record.sequence_number,
         "table": record.table,
-        "record": record.raw,
     }
+    if isinstance(error, WithheldImagesError):
+        entry["keys"] = record.raw.get("dynamodb", {}).get("Keys")
+        entry["record"] = None
+        entry["images_withheld"] = "the sink's record_transform failed; the images it was to rewrite are not kept"
+    else:
+        entry["record"] = record.raw
+    return entry
 
 
 Refused = Sequence[tuple[ChangeRecord, SinkError]]
@@ -55,11 +80,17 @@ class DeadLetters(Protocol):
     @property
     def location(self) -> str: ...
 
+    def open(self) -> None:
+        """Check the destination can take entries; raise DeadLetterError naming it if not."""
+
     def put(self, sink_name: str, refused: Refused) -> None: ...
 
 
 class JsonlDeadLetters:
-    """Appends one JSON object per line and fsyncs before returning, so a checkpoint never outruns it."""
+    """Appends one JSON object per line and fsyncs before returning, so a checkpoint never outruns it.
+
+    Dead letters hold item data: a file it creates is readable by its owner only (0600), and so are the
+    directories it creates for it (0700)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -68,7 +99,16 @@ class JsonlDeadLetters:
 
     @property
     def location(self) -> str:
-        return str(self.path)
+        return f"dead-letter file {self.path}"
+
+    def open(self) -> None:
+        try:
+            self._append(b"")
+        except OSError as exc:
+            raise DeadLetterError(
+                f"dead-letter file {self.path} cannot be written ({type(exc).__name__}: {exc.strerror or exc}); "
+                "fix dead_letter.path or its directory's permissions"
+            ) from exc
 
     def put(self, sink_name: str, refused: Refused) -> None:
         if not refused:
@@ -77,13 +117,31 @@ class JsonlDeadLetters:
 
     def append(self, entries: Sequence[dict[str, Any]]) -> None:
         lines = b"".join(to_json_bytes(entry) + b"\n" for entry in entries)
+        try:
+            self._append(lines)
+        except OSError as exc:
+            raise DeadLetterError(f"dead-letter file {self.path}: {type(exc).__name__}: {exc.strerror or exc}") from exc
+        self.count += len(entries)
+
+    def _append(self, lines: bytes) -> None:
         with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("ab") as out:
+            _make_private_dirs(self.path.parent)
+            descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(descriptor, "ab") as out:
                 out.write(lines)
                 out.flush()
                 os.fsync(out.fileno())
-            self.count += len(entries)
+
+
+def _make_private_dirs(directory: Path) -> None:
+    """Like `mkdir(parents=True)`, each directory it creates 0700; existing ones are left as they are."""
+    missing: list[Path] = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for created in reversed(missing):
+        with suppress(FileExistsError):
+            created.mkdir(mode=0o700)
 
 
 class SqsDeadLetters:
@@ -103,7 +161,17 @@ class SqsDeadLetters:
 
     @property
     def location(self) -> str:
-        return self._queue_url
+        return f"dead-letter SQS queue {self._queue_url}"
+
+    def open(self) -> None:
+        with _named(self.location):
+            self._retry.call(
+                f"GetQueueAttributes ({self.location})",
+                self._sqs.get_queue_attributes,
+                QueueUrl=self._queue_url,
+                AttributeNames=["QueueArn"],
+            )
+        self._overflow.open()
 
     def put(self, sink_name: str, refused: Refused) -> None:
         entries = [dead_letter_entry(record, sink_name, error) for record, error in refused]
@@ -114,7 +182,7 @@ class SqsDeadLetters:
             if len(body) > SQS_MAX_MESSAGE_BYTES - 1024:
                 too_big.append(entry)
                 pointer = {k: v for k, v in entry.items() if k != "record"}
-                pointer["record_stored_at"] = self._overflow.location
+                pointer["record_stored_at"] = str(self._overflow.path)
                 body = to_json_bytes(pointer)
             bodies.append((entry, body))
         if too_big:
@@ -135,7 +203,11 @@ class SqsDeadLetters:
             }
             for n, (entry, body) in enumerate(chunk)
         }
-        for attempt in self._retry.retrying("dead letters to SQS"):
+        with _named(self.location):
+            self._send_until_taken(chunk, pending)
+
+    def _send_until_taken(self, chunk: list[tuple[dict[str, Any], bytes]], pending: dict[str, Any]) -> None:
+        for attempt in self._retry.retrying(f"SendMessageBatch ({self.location})", stop=tenacity.stop_never):
             with attempt:
                 response = self._sqs.send_message_batch(QueueUrl=self._queue_url, Entries=list(pending.values()))
                 for ok in response.get("Successful", []):
@@ -147,9 +219,8 @@ class SqsDeadLetters:
                     for failure in refused:
                         pending.pop(failure["Id"])
                 if pending:
-                    failed = response.get("Failed", [])
-                    detail = "; ".join(f"{f.get('Code')}: {f.get('Message')}" for f in failed[:3])
-                    raise _DeadLetterRetry(f"{len(pending)} dead letter(s) not accepted by SQS: {detail}")
+                    codes = sorted({str(f.get("Code")) for f in response.get("Failed", [])})
+                    raise _DeadLetterRetry(f"{len(pending)} dead letter(s) not accepted by SQS: {', '.join(codes)}")
 
 
 def _calls(bodies: list[tuple[dict[str, Any], bytes]]) -> list[list[tuple[dict[str, Any], bytes]]]:
@@ -171,14 +242,18 @@ class S3DeadLetters:
     def __init__(self, s3: Any, bucket: str, prefix: str, *, retry: RetryPolicy) -> None:
         self._s3 = s3
         self._bucket = bucket
-        self._prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
+        self._prefix = normalized_prefix(prefix)
         self._retry = retry
         self.count = 0
-        self.keys: list[str] = []
+        self.last_key: str | None = None
 
     @property
     def location(self) -> str:
-        return f"s3://{self._bucket}/{self._prefix}"
+        return f"dead-letter bucket s3://{self._bucket}/{self._prefix}"
+
+    def open(self) -> None:
+        with _named(self.location):
+            self._retry.call(f"HeadBucket ({self.location})", self._s3.head_bucket, Bucket=self._bucket)
 
     def put(self, sink_name: str, refused: Refused) -> None:
         if not refused:
@@ -187,24 +262,32 @@ class S3DeadLetters:
         first = refused[0][0]
         now = datetime.now(UTC)
         key = (
-            f"{self._prefix}dt={now:%Y-%m-%d}/{sink_name}-{first.shard_id}-{first.sequence_number}-"
-            f"{uuid.uuid4().hex[:8]}.jsonl"
+            f"{self._prefix}dt={now:%Y-%m-%d}/{key_segment(sink_name)}-{key_segment(first.shard_id)}-"
+            f"{key_segment(first.sequence_number)}-{uuid.uuid4().hex[:8]}.jsonl"
         )
         body = b"".join(to_json_bytes(entry) + b"\n" for entry in entries)
-        self._retry.call(
-            "PutObject (dead letters)",
-            self._s3.put_object,
-            Bucket=self._bucket,
-            Key=key,
-            Body=body,
-            ContentType="application/x-ndjson",
-        )
-        self.keys.append(key)
+        with _named(self.location):
+            for attempt in self._retry.retrying(f"PutObject ({self.location})", stop=tenacity.stop_never):
+                with attempt:
+                    self._s3.put_object(Bucket=self._bucket, Key=key, Body=body, ContentType="application/x-ndjson")
+        self.last_key = key
         self.count += len(entries)
 
 
 class _DeadLetterRetry(RetryableError):
     """Some dead letters were not accepted; only those are sent again."""
+
+
+@contextmanager
+def _named(location: str) -> Iterator[None]:
+    """A refusal for good becomes a DeadLetterError that names the destination (retryable errors are retried
+    inside, until the destination answers)."""
+    try:
+        yield
+    except ClientError as exc:
+        raise DeadLetterError(f"{location}: {error_code(exc) or exc}") from exc
+    except BotoCoreError as exc:
+        raise DeadLetterError(f"{location}: {type(exc).__name__}") from exc
 
 
 def build_dead_letters(settings: DeadLetterSettings, clients: AwsClients, retry: RetryPolicy) -> DeadLetters:

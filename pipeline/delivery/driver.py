@@ -1,11 +1,13 @@
 """Hands each batch to every sink, retrying and isolating failures, so a checkpoint can follow.
 
 Three failure shapes, three answers:
-- the whole write fails with a retryable error (the sink is down): retry the batch, with back-off, for as long as
-  the outage lasts (or until its oldest record is `retry.max_record_age_seconds` old). Nothing is skipped; the
-  queue fills, readers wait, lag grows.
-- some records come back retryable in `WriteResult.failed` (throttled entries): retry only those, up to
-  `retry.max_attempts`, then dead-letter them.
+- the destination is down: the whole write fails with a retryable error, or every record of it comes back
+  retryable (a replica whose every PutItem timed out). Retry, with back-off, for as long as the outage lasts (or
+  until the batch's oldest record is `retry.max_record_age_seconds` old). Nothing is dead-lettered and nothing
+  skipped; the queue fills, readers wait, lag grows.
+- some records come back retryable while the destination took others in the same write (throttled entries):
+  retry only those; an attempt in which the destination took some of the write counts towards
+  `retry.max_attempts` for the rest, after which they are dead-lettered.
 - a permanent error: bisect the batch (as Lambda's BisectBatchOnFunctionError does) until the records that fail
   are isolated; deliver the rest, dead-letter those.
 With `on_failure = "block"`, a record that would be dead-lettered stops the pipeline instead.
@@ -20,7 +22,7 @@ from datetime import UTC, datetime
 
 import tenacity
 
-from pipeline.delivery.dead_letter import DeadLetters
+from pipeline.delivery.dead_letter import DeadLetters, WithheldImagesError
 from pipeline.delivery.feed import SinkFeed
 from pipeline.records import Batch, ChangeRecord
 from pipeline.retry import RetryPolicy
@@ -43,7 +45,11 @@ class DeliveryStats:
 
 
 class _RecordsRetryable(RetryableSinkError):
-    """Some records of a write came back retryable; only they are written again."""
+    """Some records of a write came back retryable while others were taken; only they are written again."""
+
+
+class _Unreachable(RetryableSinkError):
+    """Every record of a write came back retryable: the destination is down, whatever it said per record."""
 
 
 class Delivery:
@@ -71,7 +77,7 @@ class Delivery:
             given = feed.prepare(batch)  # the sink's filter, record_transform and projection
             self.stats.filtered[sink.name] = self.stats.filtered.get(sink.name, 0) + given.filtered
             untransformable: list[tuple[ChangeRecord, SinkError]] = [
-                (record, PermanentSinkError(str(error))) for record, error in given.failed
+                (record, WithheldImagesError(f"sink {sink.name}: {error}")) for record, error in given.failed
             ]
             if untransformable and self._on_failure == "block":
                 self._refuse(sink, untransformable)  # before any later change of the same item is written
@@ -84,7 +90,14 @@ class Delivery:
         self.stats.batches += 1
 
     def flush_due(self, now: float) -> bool:
-        return all(sink.flush_due(now) for sink in self.sinks)
+        """Flush (and checkpoint) once every sink may, or as soon as any sink's buffer is past its byte limit:
+        the checkpoint needs every sink flushed, and a full buffer must not keep growing for the others."""
+        return all(sink.flush_due(now) for sink in self.sinks) or any(sink.buffer_full() for sink in self.sinks)
+
+    @property
+    def max_buffer_seconds(self) -> float:
+        """The longest any sink holds taken records before it asks for a flush."""
+        return max((sink.max_buffer_seconds for sink in self.sinks), default=0.0)
 
     def flush(self) -> None:
         """Flush every sink, retrying outages until each has made its buffer durable."""
@@ -127,6 +140,7 @@ class Delivery:
                     result = sink.write(pending)
                     again: list[ChangeRecord] = []
                     last: SinkError | None = None
+                    answered = 0
                     for record in pending.records:
                         error = result.failed.get(record.event_id)
                         if isinstance(error, RetryableSinkError):
@@ -134,15 +148,18 @@ class Delivery:
                             last = error
                         elif error is not None:
                             refused.append((record, error))
+                            answered += 1
+                        else:
+                            answered += 1
                     if again:
-                        record_attempts += 1
                         pending = _subset(again)
-                        raise _RecordsRetryable(
-                            f"{len(again)} record(s) not taken: {last}",
-                            retry_after=getattr(last, "retry_after", None),
-                        )
+                        hint = getattr(last, "retry_after", None)
+                        if answered == 0:
+                            raise _Unreachable(f"every record of the write failed: {last}", retry_after=hint)
+                        record_attempts += 1  # the destination answered for some: limits apply to the rest
+                        raise _RecordsRetryable(f"{len(again)} record(s) not taken: {last}", retry_after=hint)
         except RetryableSinkError as exhausted:
-            final = RetryableSinkError(f"still failing after retries: {exhausted}")
+            final = RetryableSinkError(f"still failing after retries: {exhausted}", detail=exhausted.detail)
             refused.extend((record, final) for record in pending.records)
         return refused
 

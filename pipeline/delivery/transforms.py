@@ -28,7 +28,10 @@ _ABSENT = object()
 
 
 class TransformError(Exception):
-    """A `record_transform` raised, or returned something that is not a ChangeRecord or None."""
+    """A `record_transform` raised, or returned something that is not a ChangeRecord or None.
+
+    The message names the exception's class, never its text: a transform's error may quote the very value it
+    was to mask, and this message reaches logs and the dead-letter destination."""
 
 
 _EXPECTED = "a function taking a ChangeRecord and returning a ChangeRecord or None"
@@ -56,7 +59,7 @@ def apply_transform(transform: RecordTransform, record: ChangeRecord) -> ChangeR
     try:
         result = transform(record)
     except Exception as exc:
-        raise TransformError(f"record_transform raised {type(exc).__name__}: {exc}") from exc
+        raise TransformError(f"record_transform raised {type(exc).__name__}") from exc
     if result is None or result is record:
         return result
     if not isinstance(result, ChangeRecord):
@@ -78,7 +81,9 @@ def apply_transform(transform: RecordTransform, record: ChangeRecord) -> ChangeR
             try:
                 stream[tag] = _typed(image, getattr(record, field) or {}, stream.get(tag) or {})
             except (TypeError, ValueError, ArithmeticError) as exc:
-                raise TransformError(f"record_transform returned a {field} DynamoDB cannot hold: {exc}") from exc
+                raise TransformError(
+                    f"record_transform returned a {field} DynamoDB cannot hold ({type(exc).__name__})"
+                ) from exc
     return replace(result, raw={**result.raw, "dynamodb": stream})
 
 

@@ -77,6 +77,14 @@ class PipelineMetrics:
         for shard_id in shard_ids:
             self._shard_commit_at[shard_id] = now
 
+    def committed_shards(self) -> list[str]:
+        return list(self._shard_commit_at)
+
+    def forget(self, shard_ids: set[str]) -> None:
+        """Shards that are finished or gone: nothing about them is reported any more."""
+        for shard_id in shard_ids:
+            self._shard_commit_at.pop(shard_id, None)
+
     def health(self, now: float | None = None) -> Health:
         now = time.time() if now is None else now
         pipeline = self._pipeline
@@ -84,6 +92,25 @@ class PipelineMetrics:
         if pipeline.fatal is not None:
             reasons.append(f"stopped on error: {pipeline.fatal}")
         started = pipeline.started_at or now
+        failing = pipeline.discovery_failing_since
+        if failing is not None and now - failing > self.stall_seconds:
+            reasons.append(
+                f"shard discovery (DescribeStream) failing for {now - failing:.0f}s: {pipeline.discovery_error}"
+            )
+        idle = pipeline.reading_nothing_since
+        if idle is not None and now - idle > self.stall_seconds:
+            reasons.append(
+                f"no shard has been read for {now - idle:.0f}s while the stream has unfinished shards "
+                "(children wait for a parent that is not being read, or discovery found none)"
+            )
+        store = pipeline.store
+        if store is not None and store.failing_since is not None and now - store.failing_since > self.stall_seconds:
+            reasons.append(
+                f"checkpoint table {store.table_name}: commits failing for {now - store.failing_since:.0f}s "
+                f"({store.last_error}); delivery waits until it is back"
+            )
+        # A buffering sink holds taken records until its buffer is due: that is not a stall.
+        allowance = pipeline.delivery.max_buffer_seconds + pipeline.settings.batch.max_wait_seconds
         committed = dict(pipeline.stats.committed)
         for progress in list(pipeline.scheduler.progress.values()):
             last_ok = progress.last_poll_ok_at or started
@@ -94,7 +121,7 @@ class PipelineMetrics:
             done = committed.get(progress.shard_id)
             behind = read is not None and (done is None or int(done) < int(read))
             since = self._shard_commit_at.get(progress.shard_id, progress.last_records_at or started)
-            if behind and now - since > self.stall_seconds:
+            if behind and now - since > self.stall_seconds + allowance:
                 reasons.append(
                     f"shard {progress.shard_id}: records read up to {read} but nothing checkpointed for "
                     f"{now - since:.0f}s (checkpoint at {done or 'none'})"
@@ -148,7 +175,7 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily("streamsink_queue_bytes", "Bytes waiting for the batcher.", value=size)
         shards = GaugeMetricFamily("streamsink_shards", "Shards by state.", labels=["state"])
         shards.add_metric(["reading"], len(scheduler.progress))
-        shards.add_metric(["finished"], len(p.stats.finished_shards))
+        shards.add_metric(["finished"], p.stats.shards_finished)
         yield shards
         age = GaugeMetricFamily(
             "streamsink_shard_iterator_age_seconds",
@@ -166,7 +193,17 @@ class _StateCollector(Collector):
                 since_poll.add_metric([progress.shard_id], now - progress.last_poll_ok_at)
         yield age
         yield since_poll
-        yield _counter("streamsink_trimmed_skips", "Times a shard skipped trimmed records.", p.scheduler.trimmed_skips)
+        yield _counter(
+            "streamsink_trimmed_skips",
+            "Times records were skipped because the stream had trimmed them (a shard, or a whole shard aged out).",
+            p.scheduler.trimmed_skips + p.stats.aged_out_skips,
+        )
+        yield _counter(
+            "streamsink_records_skipped_before_start",
+            "Records left out because they were made before the first start (starting_position LATEST or "
+            "AT_TIMESTAMP).",
+            p.scheduler.skipped_before_start,
+        )
 
 
 def _counter(name: str, help_text: str, value: float) -> CounterMetricFamily:

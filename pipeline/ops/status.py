@@ -112,6 +112,7 @@ def count_behind(
     try:
         while True:
             page = reader.poll()
+            reader.advance(page)
             counted += len(page.records)
             if counted >= cap:
                 return RecordsBehind(cap, at_least=True)

@@ -15,6 +15,7 @@ from pipeline.delivery.batcher import BoundedQueue
 from pipeline.delivery.driver import Delivery
 from pipeline.settings import Settings
 from pipeline.source.scheduler import PollScheduler
+from pipeline.state.checkpoint import CheckpointStore
 from sinks.base import Sink
 
 
@@ -28,7 +29,10 @@ class PipelineStats:
     """Records the pipeline-wide [filter] dropped; their positions are checkpointed like delivered ones."""
     checkpoints_written: int = 0
     committed: dict[str, str] = field(default_factory=dict)
-    finished_shards: set[str] = field(default_factory=set)
+    """Shard -> the last committed sequence number, for shards the stream still lists or that are being read."""
+    shards_finished: int = 0
+    aged_out_skips: int = 0
+    """Shards that aged out of the stream unread and were skipped (source.on_trimmed_data = skip_to_trim_horizon)."""
 
 
 class PipelineView(Protocol):
@@ -57,3 +61,17 @@ class PipelineView(Protocol):
 
     @property
     def sinks(self) -> Sequence[Sink]: ...
+
+    @property
+    def store(self) -> CheckpointStore | None: ...
+
+    @property
+    def discovery_failing_since(self) -> float | None:
+        """Wall-clock time since which DescribeStream has been failing, or None."""
+
+    @property
+    def discovery_error(self) -> str | None: ...
+
+    @property
+    def reading_nothing_since(self) -> float | None:
+        """Wall-clock time since which no shard has been read while the stream has unfinished shards, or None."""

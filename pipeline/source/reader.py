@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from botocore.exceptions import ClientError
@@ -58,7 +59,11 @@ class StartPosition:
 
 @dataclass(frozen=True, slots=True)
 class ShardPage:
-    """One GetRecords result for one shard, still in DynamoDB JSON; `end_of_shard` marks its last page."""
+    """One GetRecords result for one shard, still in DynamoDB JSON; `end_of_shard` marks its last page.
+
+    The reader does not move past a page when it reads it, only when `ShardReader.advance` is told the page was
+    handed on: a failure in between leaves the reader where it was, so the page is read again, never lost.
+    """
 
     shard_id: str
     records: tuple[Mapping[str, Any], ...]
@@ -67,6 +72,16 @@ class ShardPage:
     end_of_shard: bool
     at_limit: bool = False
     """The page stopped at GetRecords' record limit or near its 1 MB cap: more records are probably waiting."""
+    skipped: int = 0
+    """Records at the front of the page made before the pipeline's start (`not_before`), left out."""
+    last_sequence: str | None = None
+    """The sequence number of the page's last record, skipped ones included: where the reader goes next."""
+    next_iterator: str | None = field(default=None, repr=False)
+
+    @property
+    def read(self) -> int:
+        """Records the service returned, skipped ones included."""
+        return len(self.records) + self.skipped
 
 
 class ShardReader:
@@ -80,7 +95,12 @@ class ShardReader:
         start: StartPosition,
         limit: int = 1000,
         on_trimmed_data: OnTrimmedData = "fail",
+        not_before: float | None = None,
     ) -> None:
+        """`not_before` (epoch seconds): records made before it are left out until the first one made at or
+        after it; from then on every record counts. A LATEST start given `not_before` falls back to TRIM_HORIZON
+        with it once its first iterator is spent, so an iterator that expires before anything was read cannot
+        skip what was written meanwhile."""
         self.shard = shard
         self._stream_arn = stream_arn
         self._streams = streams
@@ -88,6 +108,9 @@ class ShardReader:
         self.start = start
         self._limit = limit
         self._on_trimmed_data = on_trimmed_data
+        self._not_before = not_before
+        self.skipped_before_start = 0
+        """Records left out because they were made before `not_before`."""
         self._iterator: str | None = None
         self.last_sequence_read: str | None = start.sequence_number
         self.empty_polls = 0
@@ -118,12 +141,16 @@ class ShardReader:
 
     def _acquire(self) -> str:
         try:
-            return self._get_shard_iterator(self._position())
+            iterator = self._get_shard_iterator(self._position())
         except ClientError as exc:
             if _error_code(exc) != "TrimmedDataAccessException":
                 raise
             self._trimmed(exc)
-        return self._get_shard_iterator(self._position())
+            iterator = self._get_shard_iterator(self._position())
+        if self.start.kind == "LATEST" and self._not_before is not None:
+            # LATEST is a moment, and that moment is `not_before`: a later iterator must not mean "now" again.
+            self.start = StartPosition("TRIM_HORIZON")
+        return iterator
 
     def _get_shard_iterator(self, position: StartPosition) -> str:
         request: dict[str, Any] = {
@@ -157,21 +184,45 @@ class ShardReader:
         self.last_sequence_read = None
 
     def poll(self) -> ShardPage:
-        """One GetRecords call. The page after the shard's last is never requested."""
+        """One GetRecords call. The page after the shard's last is never requested. The reader stays where it
+        was until `advance(page)`."""
         if self.finished:
             raise RuntimeError(f"shard {self.shard_id} is already finished")
         response = self._get_records()
         records = tuple(response.get("Records", ()))
-        self._iterator = response.get("NextShardIterator")
-        if records:
-            self.last_sequence_read = records[-1]["dynamodb"]["SequenceNumber"]
+        next_iterator = response.get("NextShardIterator")
+        at_limit = len(records) >= self.limit or _body_bytes(response) >= AT_CAP_BODY_BYTES
+        last_sequence = records[-1]["dynamodb"]["SequenceNumber"] if records else None
+        skipped = 0
+        if self._not_before is not None:
+            while skipped < len(records) and _created(records[skipped]) < self._not_before:
+                skipped += 1
+            records = records[skipped:]
+        size = sum(int(r["dynamodb"].get("SizeBytes", 0)) + RECORD_OVERHEAD_BYTES for r in records)
+        return ShardPage(
+            self.shard_id,
+            records,
+            size,
+            end_of_shard=next_iterator is None,
+            at_limit=at_limit,
+            skipped=skipped,
+            last_sequence=last_sequence,
+            next_iterator=next_iterator,
+        )
+
+    def advance(self, page: ShardPage) -> None:
+        """The page was handed on: move past it."""
+        self._iterator = page.next_iterator
+        self.finished = page.next_iterator is None
+        if page.last_sequence is not None:
+            self.last_sequence_read = page.last_sequence
             self.empty_polls = 0
         else:
             self.empty_polls += 1
-        self.finished = self._iterator is None
-        size = sum(int(r["dynamodb"].get("SizeBytes", 0)) + RECORD_OVERHEAD_BYTES for r in records)
-        at_limit = len(records) >= self.limit or _body_bytes(response) >= AT_CAP_BODY_BYTES
-        return ShardPage(self.shard_id, records, size, end_of_shard=self.finished, at_limit=at_limit)
+        if page.skipped:
+            self.skipped_before_start += page.skipped
+        if page.records:
+            self._not_before = None  # in stream order, everything after a record made after the start is too
 
     def _get_records(self) -> dict[str, Any]:
         """GetRecords at the current position. An iterator that expired, or that points at records trimmed since
@@ -197,6 +248,20 @@ class ShardReader:
                 replaced += 1
                 if replaced > 2:
                     raise
+
+
+def _created(record: Mapping[str, Any]) -> float:
+    epoch = creation_epoch(record["dynamodb"].get("ApproximateCreationDateTime"))
+    return float("inf") if epoch is None else epoch  # no creation time: never assumed to be old
+
+
+def creation_epoch(value: Any) -> float | None:
+    """ApproximateCreationDateTime as boto3 parses it (datetime) or as the wire carries it (epoch seconds)."""
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+    if isinstance(value, int | float):
+        return float(value)
+    return None
 
 
 def _body_bytes(response: dict[str, Any]) -> int:

@@ -16,10 +16,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
 
-from pipeline.source.reader import ShardPage, ShardReader
+from pipeline.source.reader import ShardPage, ShardReader, creation_epoch
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +50,6 @@ class ShardProgress:
         return max(0.0, now - self.last_record_created)
 
 
-def _epoch(value: Any) -> float | None:
-    """ApproximateCreationDateTime as boto3 parses it (datetime) or as the wire carries it (epoch seconds)."""
-    if isinstance(value, datetime):
-        return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
-    if isinstance(value, int | float):
-        return float(value)
-    return None
-
-
 class PollScheduler:
     def __init__(
         self,
@@ -90,6 +79,7 @@ class PollScheduler:
         self.errors = 0
         self.progress: dict[str, ShardProgress] = {}
         self._retired_trimmed_skips = 0
+        self._retired_skipped_before_start = 0
 
     def add(self, reader: ShardReader, delay: float = 0.0) -> None:
         with self._cond:
@@ -104,6 +94,12 @@ class PollScheduler:
         """Times any shard skipped past trimmed records (source.on_trimmed_data = 'skip_to_trim_horizon')."""
         with self._cond:
             return self._retired_trimmed_skips + sum(r.trimmed_skips for r in self._active.values())
+
+    @property
+    def skipped_before_start(self) -> int:
+        """Records left out because they were made before the pipeline's first start (LATEST, AT_TIMESTAMP)."""
+        with self._cond:
+            return self._retired_skipped_before_start + sum(r.skipped_before_start for r in self._active.values())
 
     def active_shard_ids(self) -> set[str]:
         with self._cond:
@@ -123,7 +119,7 @@ class PollScheduler:
         fraction of a second. A shard quiet for longer backs off exponentially
         to `idle_max` (6 calls a minute at the default), where it costs little however many shards there are.
         """
-        if page.records:
+        if page.read:
             return 0.0 if page.at_limit else self._idle_min
         progress = self.progress.get(reader.shard_id)
         last = progress.last_records_at if progress is not None else None
@@ -168,6 +164,7 @@ class PollScheduler:
                 page = reader.poll()
                 self._note(progress, page)
                 self._deliver(page)
+                reader.advance(page)  # only once the page is handed on: a failure before leaves it to be read again
                 delay = None if page.end_of_shard else self.next_delay(reader, page)
             except Exception as exc:
                 self.errors += 1
@@ -177,6 +174,7 @@ class PollScheduler:
                 self._in_flight -= 1
                 if delay is None:
                     self._retired_trimmed_skips += reader.trimmed_skips
+                    self._retired_skipped_before_start += reader.skipped_before_start
                     del self._active[reader.shard_id]
                     del self.progress[reader.shard_id]
                 elif not self._stopping:
@@ -193,5 +191,5 @@ class PollScheduler:
             return
         last = page.records[-1]["dynamodb"]
         progress.last_records_at = now
-        progress.last_record_created = _epoch(last.get("ApproximateCreationDateTime"))
+        progress.last_record_created = creation_epoch(last.get("ApproximateCreationDateTime"))
         progress.last_sequence_read = last["SequenceNumber"]

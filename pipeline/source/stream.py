@@ -79,9 +79,14 @@ class ShardLineage:
         self._finished: set[str] = set()
 
     def update(self, shards: Iterable[ShardInfo]) -> None:
-        """Replace the known shard set with a fresh DescribeStream result."""
+        """Replace the known shard set with a fresh DescribeStream result.
+
+        Finished shards are remembered only while the stream lists them or a listed shard names them as its
+        parent: the set stays as large as the stream, not as large as every shard ever seen."""
         with self._lock:
             self._shards = {s.shard_id: s for s in shards}
+            needed = set(self._shards) | {s.parent_shard_id for s in self._shards.values() if s.parent_shard_id}
+            self._finished &= needed
 
     def mark_finished(self, shard_ids: Iterable[str]) -> None:
         with self._lock:
@@ -95,8 +100,15 @@ class ShardLineage:
         with self._lock:
             return list(self._shards.values())
 
+    def unfinished(self) -> list[ShardInfo]:
+        with self._lock:
+            return [s for s in self._shards.values() if s.shard_id not in self._finished]
+
     def readable(self, exclude: Iterable[str] = ()) -> list[ShardInfo]:
-        """Unfinished shards whose parent is finished or gone, parents first; `exclude` are being read."""
+        """Unfinished shards whose parent is finished or gone, parents first; `exclude` are being read.
+
+        A parent being read holds its children back even once the stream no longer lists it (it aged out while
+        a long outage held its reader): its reader meets the trimmed records and says so."""
         skip = set(exclude)
         with self._lock:
             ready = [
@@ -107,7 +119,7 @@ class ShardLineage:
                 and (
                     s.parent_shard_id is None
                     or s.parent_shard_id in self._finished
-                    or s.parent_shard_id not in self._shards
+                    or (s.parent_shard_id not in self._shards and s.parent_shard_id not in skip)
                 )
             ]
         return sorted(ready, key=lambda s: int(s.starting_sequence_number))
