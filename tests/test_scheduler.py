@@ -111,3 +111,50 @@ def test_a_shard_that_never_had_records_backs_off_from_the_start() -> None:
     scheduler, reader = _scheduler(), _reader()
     reader.empty_polls = 3
     assert scheduler.next_delay(reader, _records(0)) == 1.0
+
+
+def test_a_page_whose_hand_off_fails_is_read_again_and_nothing_is_lost(aws: EmbeddedAws) -> None:
+    """The reader moves past a page only once it is queued: a failure in between (here the first hand-off raises)
+    leaves it where it was, so the next poll returns the same records."""
+    simulator = StreamSimulator()
+    stream = simulator.create_stream("orders", shards=1)
+    for n in range(30):
+        stream.put_item({"pk": {"S": f"k{n:02d}"}, "sk": {"S": "a"}})
+    streams = AwsClients(aws.region, aws.endpoint_url).client("dynamodbstreams")
+    simulator.attach(streams)
+    state = stream.shards()[0]
+    shard = ShardInfo(state.shard_id, None, state.starting_sequence_number, None)
+    reader = ShardReader(
+        shard,
+        stream_arn=stream.arn,
+        streams=streams,
+        retry=RetryPolicy(RetrySettings()),
+        start=StartPosition("TRIM_HORIZON"),
+        limit=10,
+    )
+    handed: list[str] = []
+    failures = []
+
+    def deliver(page: ShardPage) -> None:
+        if page.records and not failures:
+            failures.append(page)
+            raise RuntimeError("the queue refused the page")
+        handed.extend(r["dynamodb"]["SequenceNumber"] for r in page.records)
+
+    scheduler = PollScheduler(
+        workers=1,
+        deliver=deliver,
+        on_shard_error=lambda _reader, _error: 0.0,  # try the shard again at once
+        idle_min_seconds=0.01,
+        idle_max_seconds=0.01,
+    )
+    scheduler.add(reader)
+    scheduler.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(handed) < 30 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        scheduler.stop(timeout=5)
+    assert failures and [r["dynamodb"]["SequenceNumber"] for r in failures[0].records] == handed[:10]
+    assert handed == [r["dynamodb"]["SequenceNumber"] for r in stream.records()]

@@ -1,0 +1,113 @@
+"""A shard that left the stream (closed more than 24 hours ago) before the pipeline read it to its end is never
+skipped silently: with `on_trimmed_data = "fail"` the start stops naming it, with `"skip_to_trim_horizon"` an
+ERROR line names it, the skip is counted, and reading goes on with its children.
+
+Two ways to lose a shard while the pipeline is down for more than a day, both on the simulated stream (moto
+never closes a shard): a shard with a checkpoint that was not finished, and a shard the pipeline never saw (it
+was created and aged out while the pipeline was down; only its child is still listed).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from pipeline.aws import AwsClients
+from pipeline.runner import Pipeline
+from pipeline.settings import Settings
+from pipeline.source.reader import TrimmedDataError
+from pipeline.testing.emulator import EmbeddedAws
+from pipeline.testing.simulated_stream import ManualClock, SimulatedStream, StreamSimulator
+from sinks.memory import MemorySink
+from tests.conftest import wait_until
+
+DAY = 24 * 3600.0
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(datetime(2025, 3, 1, 12, 0, tzinfo=UTC))
+
+
+@pytest.fixture
+def simulator(clock: ManualClock) -> StreamSimulator:
+    return StreamSimulator(clock=clock, rollover_seconds=None)
+
+
+Build = Callable[..., Pipeline]
+
+
+@pytest.fixture
+def build(aws: EmbeddedAws, simulator: StreamSimulator, make_settings: Callable[..., Settings]) -> Iterator[Build]:
+    made: list[Pipeline] = []
+
+    def pipeline(stream: SimulatedStream, sink: MemorySink, **source: Any) -> Pipeline:
+        settings = make_settings(source={"table_name": None, "stream_arn": stream.arn, **source})
+        clients = AwsClients(aws.region, aws.endpoint_url)
+        simulator.attach(clients.client("dynamodbstreams"))
+        made.append(Pipeline(settings, sinks=[sink], clients=clients))
+        return made[-1]
+
+    yield pipeline
+    for running in made:
+        running.stop(timeout=2)
+
+
+def item(key: str, version: int) -> dict[str, Any]:
+    return {"pk": {"S": key}, "sk": {"S": "a"}, "version": {"N": str(version)}}
+
+
+def _down_for_more_than_a_day(simulator: StreamSimulator, clock: ManualClock, build: Build) -> tuple[Any, str, str]:
+    """A first run reads shard A; then, while the pipeline is down, A gets more changes and rolls over to B,
+    B gets changes and rolls over to C, and a day passes: A and B age out, only C is listed."""
+    stream = simulator.create_stream("orders", shards=1)
+    (a,) = stream.open_shard_ids()
+    for n in range(3):
+        stream.put_item(item(f"k{n}", 1))
+    sink = MemorySink()
+    first = build(stream, sink)
+    first.start()
+    wait_until(lambda: first.stats.committed.get(a) is not None and len(sink.records) == 3, what="the first run")
+    assert first.stop() is True
+
+    for n in range(3):
+        stream.put_item(item(f"k{n}", 2))  # in A, never read
+    b = stream.roll_over_shard(a)
+    stream.put_item(item("k0", 3))  # in B, which the pipeline never sees
+    stream.roll_over_shard(b)
+    clock.advance(DAY + 3600)
+    stream.put_item(item("k0", 4))  # in C, still listed
+    assert [s.shard_id for s in stream.shards()] == stream.open_shard_ids()  # A and B are gone
+    return stream, a, b
+
+
+def test_a_shard_that_aged_out_unfinished_stops_the_start_naming_it(
+    simulator: StreamSimulator, clock: ManualClock, build: Build
+) -> None:
+    stream, a, _b = _down_for_more_than_a_day(simulator, clock, build)
+    restarted = build(stream, MemorySink())
+    with pytest.raises(TrimmedDataError, match=a) as raised:
+        restarted.start()
+    assert "aged out of the stream" in str(raised.value) and "skip_to_trim_horizon" in str(raised.value)
+
+
+def test_skipping_says_which_shards_were_lost_counts_them_and_goes_on_with_the_children(
+    simulator: StreamSimulator, clock: ManualClock, build: Build, caplog: pytest.LogCaptureFixture
+) -> None:
+    stream, a, b = _down_for_more_than_a_day(simulator, clock, build)
+    sink = MemorySink()
+    restarted = build(stream, sink, on_trimmed_data="skip_to_trim_horizon")
+    with caplog.at_level(logging.ERROR, logger="pipeline.runner"):
+        restarted.start()
+        wait_until(lambda: len(sink.records) >= 1, what="the child's change")
+    assert [(r.keys["pk"], int(r.new_image["version"])) for r in sink.records] == [("k0", 4)]
+    lost = [r.getMessage() for r in caplog.records if "aged out of the stream" in r.getMessage()]
+    assert any(a in line and "never delivered" in line for line in lost), lost
+    assert any(b in line and "came and went unread" in line for line in lost), lost
+    assert restarted.stats.aged_out_skips == 2
+    scraped = restarted.metrics.registry.get_sample_value("streamsink_trimmed_skips_total")
+    assert scraped == 2
