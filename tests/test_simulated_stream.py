@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,13 +22,14 @@ from pipeline.aws import AwsClients
 from pipeline.records import unmarshal_image
 from pipeline.runner import Pipeline
 from pipeline.settings import Settings
-from pipeline.testing.emulator import EmbeddedAws
+from pipeline.testing.emulator import EmbeddedAws, create_stream_table
 from pipeline.testing.simulated_stream import (
     FIRST_SEQUENCE_NUMBER,
     MAX_PAGE_BYTES,
     FaultSchedule,
     ManualClock,
     SimulatedStream,
+    StreamDisabledError,
     StreamSimulator,
     item_size,
 )
@@ -65,6 +67,45 @@ def connect(request: pytest.FixtureRequest, simulator: StreamSimulator) -> Itera
             aws_secret_access_key="x",
             config=config,
         )
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """A `dynamodbstreams` and a `dynamodb` client over one transport, and the server if that is HTTP."""
+
+    streams: Any
+    dynamodb: Any
+    server: SimulatedStreamsServer | None
+
+
+@pytest.fixture(params=["in_process", "http"])
+def endpoints(request: pytest.FixtureRequest, simulator: StreamSimulator, aws: EmbeddedAws) -> Iterator[Endpoints]:
+    """Clients the simulator answers for its streams and its tables' DescribeTable, moto for everything else."""
+    if request.param == "in_process":
+        dynamodb = SESSION.client(
+            "dynamodb",
+            region_name=simulator.region,
+            endpoint_url=aws.endpoint_url,
+            aws_access_key_id="x",
+            aws_secret_access_key="x",
+            config=NO_RETRIES,
+        )
+        simulator.attach_tables(dynamodb)
+        yield Endpoints(simulator.client(config=NO_RETRIES), dynamodb, None)
+        return
+    with SimulatedStreamsServer(simulator, backend_url=aws.endpoint_url) as server:
+
+        def make(service: str) -> Any:
+            return SESSION.client(
+                service,
+                region_name=simulator.region,
+                endpoint_url=server.endpoint_url,
+                aws_access_key_id="x",
+                aws_secret_access_key="x",
+                config=NO_RETRIES,
+            )
+
+        yield Endpoints(make("dynamodbstreams"), make("dynamodb"), server)
 
 
 def item(pk: str, sk: str = "a", **attributes: dict[str, Any]) -> dict[str, Any]:
@@ -556,6 +597,169 @@ def test_synthetic_load_is_realistic_and_the_table_follows(simulator: StreamSimu
         latest[record["dynamodb"]["Keys"]["pk"]["S"]] = record["dynamodb"]["NewImage"]
     assert {orjson.dumps(i, option=orjson.OPT_SORT_KEYS) for i in latest.values()} == table
     assert unmarshal_image(records[0]["dynamodb"]["Keys"])["sk"] == "v"
+
+
+# -- DescribeTable, and a stream disabled and enabled again ----------------------------------------------------
+
+
+def test_describe_table_names_the_stream_of_a_simulated_table(simulator: StreamSimulator, endpoints: Endpoints) -> None:
+    name = unique("orders")
+    stream = simulator.create_stream(name, shards=2)
+    other = simulator.create_stream(unique("customers"), key_schema=[("id", "HASH")], view_type="KEYS_ONLY")
+
+    table = endpoints.dynamodb.describe_table(TableName=name)["Table"]
+    assert table["TableName"] == name and table["TableStatus"] == "ACTIVE"
+    assert table["TableArn"] == f"arn:aws:dynamodb:us-east-1:123456789012:table/{name}"
+    assert table["CreationDateTime"] == START
+    assert table["KeySchema"] == [
+        {"AttributeName": "pk", "KeyType": "HASH"},
+        {"AttributeName": "sk", "KeyType": "RANGE"},
+    ]
+    assert table["AttributeDefinitions"] == [
+        {"AttributeName": "pk", "AttributeType": "S"},
+        {"AttributeName": "sk", "AttributeType": "S"},
+    ]
+    assert table["StreamSpecification"] == {"StreamEnabled": True, "StreamViewType": "NEW_AND_OLD_IMAGES"}
+    assert (table["LatestStreamArn"], table["LatestStreamLabel"]) == (stream.arn, stream.label)
+    described = endpoints.streams.describe_stream(StreamArn=table["LatestStreamArn"])["StreamDescription"]
+    assert described["TableName"] == name and len(described["Shards"]) == 2
+
+    by_arn = endpoints.dynamodb.describe_table(TableName=table["TableArn"])["Table"]
+    assert by_arn["LatestStreamArn"] == stream.arn
+    keys_only = endpoints.dynamodb.describe_table(TableName=other.table_name)["Table"]
+    assert keys_only["KeySchema"] == [{"AttributeName": "id", "KeyType": "HASH"}]
+    assert keys_only["StreamSpecification"] == {"StreamEnabled": True, "StreamViewType": "KEYS_ONLY"}
+    assert keys_only["LatestStreamArn"] == other.arn
+    assert [c.stream_arn for c in simulator.calls("DescribeTable")] == [stream.arn, stream.arn, other.arn]
+    if endpoints.server is not None:
+        assert endpoints.server.forwarded == 0
+
+
+def test_disabling_a_stream_closes_its_open_shards_and_the_table_says_so(
+    simulator: StreamSimulator, clock: ManualClock, endpoints: Endpoints
+) -> None:
+    name = unique("orders")
+    stream = simulator.create_stream(name, shards=2)
+    for n in range(20):
+        stream.put_item(item(f"k{n}"))
+    shard_ids = stream.open_shard_ids()
+    tailing = endpoints.streams.get_shard_iterator(
+        StreamArn=stream.arn, ShardId=shard_ids[0], ShardIteratorType="LATEST"
+    )["ShardIterator"]
+    assert "NextShardIterator" in endpoints.streams.get_records(ShardIterator=tailing)
+
+    stream.disable()
+    assert not stream.enabled and stream.open_shard_ids() == []
+    description = endpoints.streams.describe_stream(StreamArn=stream.arn)["StreamDescription"]
+    assert description["StreamStatus"] == "DISABLED"
+    assert [s["ShardId"] for s in description["Shards"]] == shard_ids  # closed where they were: no children
+    read = 0
+    for shard in description["Shards"]:
+        ending = int(shard["SequenceNumberRange"]["EndingSequenceNumber"])
+        records, pages = read_shard(endpoints.streams, stream, shard["ShardId"])
+        assert records and int(records[-1]["dynamodb"]["SequenceNumber"]) <= ending
+        assert "NextShardIterator" not in pages[-1] and pages[-1]["Records"]  # read to its end
+        read += len(records)
+    assert read == 20
+    # A consumer waiting at the end of an open shard learns it ended: no records, no next iterator.
+    last = endpoints.streams.get_records(ShardIterator=tailing)
+    assert last["Records"] == [] and "NextShardIterator" not in last
+
+    table = endpoints.dynamodb.describe_table(TableName=name)["Table"]
+    assert table["StreamSpecification"] == {"StreamEnabled": False}
+    assert (table["LatestStreamArn"], table["LatestStreamLabel"]) == (stream.arn, stream.label)
+
+    for write in (
+        lambda: stream.put_item(item("late")),
+        lambda: stream.delete_item(item("k1")),
+        lambda: stream.write_synthetic(1),
+        stream.split_shard,
+        stream.roll_over_all,
+    ):
+        with pytest.raises(StreamDisabledError, match="is disabled"):
+            write()
+    with pytest.raises(ValueError, match="disabled already"):
+        stream.disable()
+    assert len(stream.records()) == 20 and len(stream.items()) == 20
+
+    clock.advance(5 * 3600)  # past a roll-over period: a disabled stream opens no shards
+    description = endpoints.streams.describe_stream(StreamArn=stream.arn)["StreamDescription"]
+    assert [s["ShardId"] for s in description["Shards"]] == shard_ids
+    assert sum(len(read_shard(endpoints.streams, stream, s)[0]) for s in shard_ids) == 20
+
+
+def test_enabling_the_stream_again_gives_a_new_arn_and_the_old_stream_reads_to_its_end(
+    simulator: StreamSimulator, clock: ManualClock, endpoints: Endpoints
+) -> None:
+    name = unique("orders")
+    old = simulator.create_stream(name)
+    for n in range(5):
+        old.put_item(item(f"k{n}", v={"N": "1"}))
+    with pytest.raises(ValueError, match="has an enabled stream"):
+        simulator.create_stream(name)
+    old.disable()
+    new = simulator.create_stream(name)  # the clock has not moved: the label still must
+    assert simulator.latest_stream(name) is new and simulator.latest_stream(unique("nothing")) is None
+    assert (old.label, new.label) == ("2025-03-01T12:00:00.250", "2025-03-01T12:00:00.251")
+    assert new.arn == old.arn.replace(old.label, new.label) != old.arn
+
+    table = endpoints.dynamodb.describe_table(TableName=name)["Table"]
+    assert (table["LatestStreamArn"], table["LatestStreamLabel"]) == (new.arn, new.label)
+    assert table["StreamSpecification"] == {"StreamEnabled": True, "StreamViewType": "NEW_AND_OLD_IMAGES"}
+    assert table["CreationDateTime"] == START
+    listed = endpoints.streams.list_streams(TableName=name)["Streams"]
+    assert sorted(s["StreamArn"] for s in listed) == [old.arn, new.arn]
+    statuses = {
+        arn: endpoints.streams.describe_stream(StreamArn=arn)["StreamDescription"]["StreamStatus"]
+        for arn in (old.arn, new.arn)
+    }
+    assert statuses == {old.arn: "DISABLED", new.arn: "ENABLED"}
+
+    # The table went on: a key written before is a MODIFY on the new stream, with its old image.
+    clock.advance(1)
+    new.put_item(item("k0", v={"N": "2"}))
+    (modify,) = new.records()
+    assert modify["eventName"] == "MODIFY" and modify["dynamodb"]["OldImage"] == item("k0", v={"N": "1"})
+    assert len(new.items()) == 5
+
+    (old_shard,) = endpoints.streams.describe_stream(StreamArn=old.arn)["StreamDescription"]["Shards"]
+    records, pages = read_shard(endpoints.streams, old, old_shard["ShardId"])
+    assert [r["eventID"] for r in records] == [r["eventID"] for r in old.records()] and len(records) == 5
+    assert "NextShardIterator" not in pages[-1]
+    # The new stream's shards and records are its own, not the old stream's again.
+    assert old_shard["ShardId"] not in new.open_shard_ids()
+    assert modify["eventID"] not in {r["eventID"] for r in records}
+
+    clock.advance(24 * 3600)  # the retention: the disabled stream holds nothing any more
+    assert endpoints.streams.describe_stream(StreamArn=old.arn)["StreamDescription"]["Shards"] == []
+    assert endpoints.dynamodb.describe_table(TableName=name)["Table"]["LatestStreamArn"] == new.arn
+
+
+def test_a_tables_next_stream_keeps_its_key_schema(simulator: StreamSimulator) -> None:
+    customers = simulator.create_stream("customers", key_schema=[("id", "HASH")])
+    customers.put_item({"id": {"N": "7"}})
+    customers.disable()
+    with pytest.raises(ValueError, match="cannot change"):
+        simulator.create_stream("customers", key_schema=[("pk", "HASH"), ("sk", "RANGE")])
+    again = simulator.create_stream("customers", view_type="KEYS_ONLY")
+    assert again.key_schema == (("id", "HASH"),) and again.items() == [{"id": {"N": "7"}}]
+    assert again.delete_item({"id": {"N": "7"}}) is not None
+
+
+def test_describe_table_of_a_table_the_simulator_does_not_know_reaches_moto(
+    simulator: StreamSimulator, aws: EmbeddedAws, endpoints: Endpoints
+) -> None:
+    simulator.create_stream(unique("orders"))
+    name = unique("in-moto")
+    moto_arn = create_stream_table(aws.client("dynamodb"), name)
+
+    table = endpoints.dynamodb.describe_table(TableName=name)["Table"]
+    assert table["TableName"] == name and table["LatestStreamArn"] == moto_arn
+    code, status, _ = error_of(lambda: endpoints.dynamodb.describe_table(TableName=unique("missing")))
+    assert (code, status) == ("ResourceNotFoundException", 400)  # moto's answer, as DynamoDB's
+    assert simulator.calls("DescribeTable") == []
+    if endpoints.server is not None:
+        assert endpoints.server.forwarded == 2
 
 
 # -- the HTTP server in front of moto --------------------------------------------------------------------------

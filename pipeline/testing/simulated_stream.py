@@ -13,13 +13,20 @@ without a word. This module models what real streams do there:
   (`retention_seconds`, 24 hours) after which records are trimmed and iterators into them refused;
 - GetRecords pages capped at 1000 records (and `Limit`) and 1 MB, DescribeStream pages capped at 100 shards;
 - the real error codes, HTTP statuses and JSON bodies, and a seeded `FaultSchedule` for throttling, 5xx,
-  expiry and empty pages, reproducible whatever the thread interleaving.
+  expiry and empty pages, reproducible whatever the thread interleaving;
+- a stream disabled and enabled again, which moto refuses: `SimulatedStream.disable()` closes every open shard
+  (each then ends as a closed shard does) and DescribeStream says DISABLED, while what the stream holds stays
+  readable until the retention trims it; `StreamSimulator.create_stream` for the same table then gives its next
+  stream, with a new ARN and label, over the same table items;
+- DynamoDB's DescribeTable for the simulated tables, with the `LatestStreamArn` and `StreamSpecification` a
+  consumer resolves its stream from (StreamEnabled false, the ARN kept, once the newest stream is disabled).
 
 Time comes from an injectable clock (`ManualClock` moves only when told), so expiry and trimming are tested in
 milliseconds. The real boto3 client talks to the model at the wire level: `StreamSimulator.attach(client)` answers
-a client's requests in-process from a botocore `before-send` hook, and `pipeline.testing.simulated_stream_server` serves
-the same model over HTTP for another process. Either way boto3 serializes, parses, raises and retries exactly as
-it does against AWS.
+a `dynamodbstreams` client's requests in-process from a botocore `before-send` hook, `attach_tables(client)` does
+the same for DescribeTable of the simulated tables on a `dynamodb` client (letting every other request go out),
+and `pipeline.testing.simulated_stream_server` serves the same model over HTTP for another process. Either way
+boto3 serializes, parses, raises and retries exactly as it does against AWS.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import uuid
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal, Protocol
 
@@ -47,6 +54,8 @@ import orjson
 
 STREAMS_TARGET_PREFIX = "DynamoDBStreams_20120810."
 """The X-Amz-Target prefix of every DynamoDB Streams request (JSON 1.0 protocol)."""
+DYNAMODB_TARGET_PREFIX = "DynamoDB_20120810."
+"""The X-Amz-Target prefix of every DynamoDB request (JSON 1.0 protocol); the simulator answers DescribeTable."""
 OPERATIONS = frozenset({"DescribeStream", "GetShardIterator", "GetRecords", "ListStreams"})
 
 ITERATOR_TTL_SECONDS = 15 * 60
@@ -142,6 +151,13 @@ def _expired() -> StreamServiceError:
 
 def _trimmed() -> StreamServiceError:
     return StreamServiceError("TrimmedDataAccessException", "The data you are trying to access has been trimmed.")
+
+
+class StreamDisabledError(ValueError):
+    """A write to a stream that was disabled: the table's changes no longer reach it.
+
+    Raised by the test-facing methods of `SimulatedStream`, never answered on the wire (the stream stays readable).
+    """
 
 
 def _validation(message: str) -> StreamServiceError:
@@ -408,6 +424,10 @@ class SimulatedStream:
     Writes take DynamoDB JSON items (as boto3's low-level client does: `{"pk": {"S": "a"}, "n": {"N": "1"}}`,
     binary values as bytes) and append the stream record the service would, to the open shard that owns the
     item's partition key. A write that changes nothing appends nothing, as on AWS.
+
+    After `disable()` the object stands for a disabled stream only: it refuses writes (`StreamDisabledError`) and
+    keeps answering reads. The table lives on in the next stream `create_stream` makes for it, which starts from
+    this one's items, so a write there of a key written here is a MODIFY with its old image.
     """
 
     def __init__(
@@ -421,7 +441,9 @@ class SimulatedStream:
         auto_split_records: int | None,
         first_sequence_number: int,
         seed: int,
+        previous: SimulatedStream | None = None,
     ) -> None:
+        """`previous` is the table's stream before this one (disabled): its items, key schema and label carry on."""
         if shards < 1:
             raise ValueError("a stream has at least one shard")
         if first_sequence_number < FIRST_SEQUENCE_NUMBER:
@@ -432,23 +454,41 @@ class SimulatedStream:
         self._sim = simulator
         self._lock = simulator._lock
         self.table_name = table_name
-        self.key_schema: tuple[tuple[str, str], ...] = tuple((n, k) for n, k in key_schema)
+        self.key_schema: tuple[tuple[str, Literal["HASH", "RANGE"]], ...] = tuple((n, k) for n, k in key_schema)
         self.partition_key = hash_keys[0]
         self.key_names = tuple(name for name, _ in sorted(self.key_schema, key=lambda nk: nk[1] != "HASH"))
         self.view_type = view_type
         self.region = simulator.region
+        if previous is not None and previous.key_schema != self.key_schema:
+            raise ValueError(
+                f"table {table_name!r} is keyed {list(previous.key_schema)}: a table's key schema cannot change"
+            )
         now = simulator.clock.now()
         self.created_at = now
-        self.label = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
-        self.arn = f"arn:aws:dynamodb:{self.region}:{simulator.account_id}:table/{table_name}/stream/{self.label}"
-        self._rng = random.Random(seed)
+        self.table_created_at: float = previous.table_created_at if previous is not None else now
+        """When the table was made: its first stream's creation (DescribeTable's CreationDateTime)."""
+        stamp = datetime.fromtimestamp(now, UTC)
+        stamp -= timedelta(microseconds=stamp.microsecond % 1000)  # labels have milliseconds
+        if previous is not None and stamp <= previous._label_time:
+            # The label is all that tells the ARNs of one table's streams apart: a clock that did not move (a
+            # ManualClock) or went back (the wall clock) must not give the new stream the old one's ARN.
+            stamp = previous._label_time + timedelta(milliseconds=1)
+        self._label_time: datetime = stamp
+        self.label = stamp.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
+        self.table_arn = f"arn:aws:dynamodb:{self.region}:{simulator.account_id}:table/{table_name}"
+        self.arn = f"{self.table_arn}/stream/{self.label}"
+        # A later stream of the table draws its own shard ids and event ids, not the first stream's again.
+        self._rng = random.Random(seed if previous is None else f"{seed}|{self.arn}")
+        self._disabled_at: float | None = None
         self._auto_split_records = auto_split_records
         self._seq = first_sequence_number - 1
         self._last_shard_ms = 0
         self._shards: dict[str, _Shard] = {}
         self._open: list[_Shard] = []
         self._open_lows: list[int] = []
-        self._items: dict[tuple[tuple[str, Any], ...], dict[str, Any]] = {}
+        self._items: dict[tuple[tuple[str, Any], ...], dict[str, Any]] = (
+            dict(previous._items) if previous is not None else {}
+        )
         self._due = math.inf
         self.records_written = 0
         width = _HASH_SPACE // shards
@@ -467,6 +507,7 @@ class SimulatedStream:
             raise ValueError(f"item size {size} has exceeded the maximum allowed size of {MAX_ITEM_BYTES}")
         with self._lock:
             self._maintain(self._sim.clock.now())
+            self._check_enabled()
             old = self._items.get(key)
             if old == new:
                 return None
@@ -478,6 +519,7 @@ class SimulatedStream:
         key_tuple = self._key_of(key)
         with self._lock:
             self._maintain(self._sim.clock.now())
+            self._check_enabled()
             old = self._items.pop(key_tuple, None)
             if old is None:
                 return None
@@ -513,6 +555,7 @@ class SimulatedStream:
         with self._lock:
             now = self._sim.clock.now()
             self._maintain(now)
+            self._check_enabled()
             stamp = datetime.fromtimestamp(now, UTC).isoformat()
             for n in range(first, first + count):
                 pk = f"{key_prefix}-{n:09d}"
@@ -662,6 +705,7 @@ class SimulatedStream:
         with self._lock:
             now = self._sim.clock.now()
             self._maintain(now)
+            self._check_enabled()
             low, high = self._close(self._open_shard(shard_id), split=True, at=now)
             return low.shard_id, high.shard_id
 
@@ -670,6 +714,7 @@ class SimulatedStream:
         with self._lock:
             now = self._sim.clock.now()
             self._maintain(now)
+            self._check_enabled()
             (child,) = self._close(self._open_shard(shard_id), split=False, at=now)
             return child.shard_id
 
@@ -678,7 +723,32 @@ class SimulatedStream:
         with self._lock:
             now = self._sim.clock.now()
             self._maintain(now)
+            self._check_enabled()
             return [self._close(s, split=False, at=now)[0].shard_id for s in list(self._open)]
+
+    def disable(self) -> None:
+        """Disable the stream, as UpdateTable with StreamEnabled false does.
+
+        Every open shard closes where it is (an EndingSequenceNumber; the page with its last record carries no
+        NextShardIterator), DescribeStream says DISABLED and writes are refused from now on. Records stay
+        readable until the retention trims them, as on AWS. The table's next stream, with a new ARN, comes from
+        `StreamSimulator.create_stream`. A second `disable()` is refused: it would mean the test lost track of
+        which of the table's streams it holds.
+        """
+        with self._lock:
+            now = self._sim.clock.now()
+            self._maintain(now)  # roll-overs due before now happen first, as they would have
+            if self._disabled_at is not None:
+                raise ValueError(f"stream {self.arn} is disabled already")
+            for shard in list(self._open):
+                self._end(shard, now)
+            self._disabled_at = now
+
+    @property
+    def enabled(self) -> bool:
+        """False once `disable()` was called."""
+        with self._lock:
+            return self._disabled_at is None
 
     def shards(self) -> list[ShardState]:
         """Every shard still listed (closed ones age out after the retention), oldest first."""
@@ -696,6 +766,7 @@ class SimulatedStream:
         part = self._key_of(key)[0]
         with self._lock:
             self._maintain(self._sim.clock.now())
+            self._check_enabled()
             return self._open[bisect.bisect_right(self._open_lows, _key_hash(part)) - 1].shard_id
 
     def records(self, shard_id: str | None = None) -> list[dict[str, Any]]:
@@ -715,6 +786,13 @@ class SimulatedStream:
         with self._lock:
             found = self._items.get(key_tuple)
             return None if found is None else dict(found)
+
+    def _check_enabled(self) -> None:
+        if self._disabled_at is not None:
+            raise StreamDisabledError(
+                f"stream {self.arn} is disabled: changes to table {self.table_name!r} no longer reach it "
+                f"(StreamSimulator.create_stream({self.table_name!r}) enables the table's next stream)"
+            )
 
     def _open_shard(self, shard_id: str | None) -> _Shard:
         if shard_id is None:
@@ -747,8 +825,17 @@ class SimulatedStream:
         return shard
 
     def _close(self, shard: _Shard, *, split: bool, at: float) -> list[_Shard]:
+        """Close an open shard and open its children: one (a roll-over) or two (a split)."""
         if split and shard.hash_hi - shard.hash_lo < 2:
             raise ValueError(f"shard {shard.shard_id} owns too few keys to split")
+        self._end(shard, at)
+        if not split:
+            return [self._add_shard(shard, shard.hash_lo, shard.hash_hi, at)]
+        middle = (shard.hash_lo + shard.hash_hi) // 2
+        return [self._add_shard(shard, shard.hash_lo, middle, at), self._add_shard(shard, middle, shard.hash_hi, at)]
+
+    def _end(self, shard: _Shard, at: float) -> None:
+        """Close an open shard, with no child (a disabled stream's shards end so)."""
         self._seq += 1 + self._rng.getrandbits(6)
         shard.end_seq = self._seq
         shard.closed_at = at
@@ -756,10 +843,6 @@ class SimulatedStream:
         del self._open[index]
         del self._open_lows[index]
         self._due = min(self._due, at + self._sim.retention_seconds)
-        if not split:
-            return [self._add_shard(shard, shard.hash_lo, shard.hash_hi, at)]
-        middle = (shard.hash_lo + shard.hash_hi) // 2
-        return [self._add_shard(shard, shard.hash_lo, middle, at), self._add_shard(shard, middle, shard.hash_hi, at)]
 
     def _maintain(self, now: float) -> None:
         """Apply what time does: roll-overs that fell due, trimming, and removal of aged-out closed shards.
@@ -812,7 +895,7 @@ class SimulatedStream:
         description: dict[str, Any] = {
             "StreamArn": self.arn,
             "StreamLabel": self.label,
-            "StreamStatus": "ENABLED",
+            "StreamStatus": "ENABLED" if self._disabled_at is None else "DISABLED",
             "StreamViewType": self.view_type,
             "CreationRequestDateTime": self.created_at,
             "TableName": self.table_name,
@@ -823,6 +906,30 @@ class SimulatedStream:
             # Like the service: a full page names where it stopped even when nothing follows.
             description["LastEvaluatedShardId"] = page[-1].shard_id
         return {"StreamDescription": description}
+
+    def _describe_table(self) -> dict[str, Any]:
+        """DescribeTable's answer for the table while this is its newest stream: what a consumer resolves from."""
+        table: dict[str, Any] = {
+            "TableName": self.table_name,
+            "TableArn": self.table_arn,
+            "TableId": str(uuid.uuid5(uuid.NAMESPACE_URL, self.table_arn)),
+            "TableStatus": "ACTIVE",
+            "CreationDateTime": self.table_created_at,
+            "KeySchema": [{"AttributeName": n, "KeyType": k} for n, k in self.key_schema],
+            # The model keeps no attribute types (keys may be S, N or B); S stands for each.
+            "AttributeDefinitions": [{"AttributeName": n, "AttributeType": "S"} for n, _ in self.key_schema],
+            "BillingModeSummary": {"BillingMode": "PAY_PER_REQUEST"},
+            "ProvisionedThroughput": {"NumberOfDecreasesToday": 0, "ReadCapacityUnits": 0, "WriteCapacityUnits": 0},
+            # Disabled: the service says only StreamEnabled false, and goes on naming the stream it had.
+            "StreamSpecification": (
+                {"StreamEnabled": True, "StreamViewType": self.view_type}
+                if self._disabled_at is None
+                else {"StreamEnabled": False}
+            ),
+            "LatestStreamArn": self.arn,
+            "LatestStreamLabel": self.label,
+        }
+        return {"Table": table}
 
     def _shard_iterator(self, request: Mapping[str, Any], now: float) -> tuple[str, _Shard]:
         shard = self._shards.get(request["ShardId"])
@@ -924,6 +1031,28 @@ _SESSION_LOCK = threading.Lock()
 _session: Any = None
 
 
+def _target_and_body(request: Any) -> tuple[str, bytes]:
+    """A botocore request's X-Amz-Target and body, as the bytes that would be sent."""
+    target = request.headers.get("X-Amz-Target", "")
+    if isinstance(target, bytes):
+        target = target.decode("ascii")
+    body = request.body
+    if body is None:
+        body = b""
+    elif isinstance(body, str):
+        body = body.encode("utf-8")
+    elif not isinstance(body, bytes):
+        body = body.read()
+    return str(target), body
+
+
+def _aws_response(request: Any, response: WireResponse) -> Any:
+    """A botocore AWSResponse holding the answer, as if it had come back over the network."""
+    from botocore.awsrequest import AWSResponse
+
+    return AWSResponse(request.url, response.status, response.headers, _RawBody(response.body))
+
+
 class _RawBody:
     """The `raw` of a botocore AWSResponse: something with `stream()`."""
 
@@ -965,6 +1094,7 @@ class StreamSimulator:
         self.faults = faults or FaultSchedule()
         self._lock = threading.RLock()
         self._streams: dict[str, SimulatedStream] = {}
+        self._latest: dict[str, SimulatedStream] = {}  # by table name: the table's newest stream
         self._secret = uuid.uuid4().bytes
         self._fault_calls: collections.Counter[tuple[str, str]] = collections.Counter()
         self._forced: dict[str, collections.deque[FaultKind]] = collections.defaultdict(collections.deque)
@@ -979,7 +1109,7 @@ class StreamSimulator:
         self,
         table_name: str,
         *,
-        key_schema: Sequence[tuple[str, Literal["HASH", "RANGE"]]] = (("pk", "HASH"), ("sk", "RANGE")),
+        key_schema: Sequence[tuple[str, Literal["HASH", "RANGE"]]] | None = None,
         view_type: StreamViewType = "NEW_AND_OLD_IMAGES",
         shards: int = 1,
         auto_split_records: int | None = None,
@@ -987,8 +1117,22 @@ class StreamSimulator:
         seed: int = 0,
     ) -> SimulatedStream:
         """A table with a stream of `shards` open shards. `auto_split_records` splits a shard once it has had that
-        many records (as heavy writes make the service split); `seed` fixes ids and sequence-number steps."""
+        many records (as heavy writes make the service split); `seed` fixes ids and sequence-number steps.
+
+        For a table whose stream was disabled this enables the table's next stream, as UpdateTable does: a new
+        ARN (its label at least a millisecond after the last one's, even if the clock did not move), the table's
+        items and key schema carried on (`key_schema` defaults to it, and may not differ), the old stream left
+        readable. A table has one enabled stream at a time, so while its newest one is enabled this is refused.
+        `key_schema` defaults to ("pk" HASH, "sk" RANGE) for a new table."""
         with self._lock:
+            previous = self._latest.get(table_name)
+            if previous is not None and previous.enabled:
+                raise ValueError(
+                    f"table {table_name!r} has an enabled stream {previous.arn}; disable() it first "
+                    "(a table has one stream at a time)"
+                )
+            if key_schema is None:
+                key_schema = previous.key_schema if previous is not None else (("pk", "HASH"), ("sk", "RANGE"))
             stream = SimulatedStream(
                 self,
                 table_name,
@@ -998,15 +1142,23 @@ class StreamSimulator:
                 auto_split_records=auto_split_records,
                 first_sequence_number=first_sequence_number,
                 seed=seed,
+                previous=previous,
             )
             if stream.arn in self._streams:
                 raise ValueError(f"a stream {stream.arn} exists already")
             self._streams[stream.arn] = stream
+            self._latest[table_name] = stream
             return stream
 
     def stream(self, stream_arn: str) -> SimulatedStream:
         with self._lock:
             return self._streams[stream_arn]
+
+    def latest_stream(self, table_name: str) -> SimulatedStream | None:
+        """The table's newest stream (enabled or disabled), the one DescribeTable names; None for a table never
+        made here."""
+        with self._lock:
+            return self._latest.get(table_name)
 
     def fail_next(self, operation: str, fault: FaultKind, times: int = 1) -> None:
         """Answer the next `times` calls of `operation` with `fault`, whatever they address (before the schedule)."""
@@ -1043,6 +1195,20 @@ class StreamSimulator:
     def detach(self, client: Any) -> None:
         client.meta.events.unregister("before-send.dynamodb-streams.*", unique_id=f"stream-simulator-{id(self)}")
 
+    def attach_tables(self, client: Any) -> None:
+        """Answer this boto3 `dynamodb` client's DescribeTable of the simulated tables in-process (`handle_dynamodb`);
+        every other request goes out to the client's endpoint as before."""
+        client.meta.events.register(
+            "before-send.dynamodb.DescribeTable",
+            self._before_send_table,
+            unique_id=f"stream-simulator-tables-{id(self)}",
+        )
+
+    def detach_tables(self, client: Any) -> None:
+        client.meta.events.unregister(
+            "before-send.dynamodb.DescribeTable", unique_id=f"stream-simulator-tables-{id(self)}"
+        )
+
     def client(self, *, config: Any = None) -> Any:
         """A new boto3 `dynamodbstreams` client answered by this simulator."""
         with _SESSION_LOCK:  # one session: its loader caches the service model that every new client reads
@@ -1064,20 +1230,15 @@ class StreamSimulator:
             return client
 
     def _before_send(self, request: Any, **_kwargs: Any) -> Any:
-        from botocore.awsrequest import AWSResponse
+        target, body = _target_and_body(request)
+        return _aws_response(request, self.handle(target.removeprefix(STREAMS_TARGET_PREFIX), body))
 
-        target = request.headers.get("X-Amz-Target", "")
-        if isinstance(target, bytes):
-            target = target.decode("ascii")
-        body = request.body
-        if body is None:
-            body = b""
-        elif isinstance(body, str):
-            body = body.encode("utf-8")
-        elif not isinstance(body, bytes):
-            body = body.read()
-        response = self.handle(target.removeprefix(STREAMS_TARGET_PREFIX), body)
-        return AWSResponse(request.url, response.status, response.headers, _RawBody(response.body))
+    def _before_send_table(self, request: Any, **_kwargs: Any) -> Any:
+        target, body = _target_and_body(request)
+        if not target.startswith(DYNAMODB_TARGET_PREFIX):
+            return None
+        response = self.handle_dynamodb(target.removeprefix(DYNAMODB_TARGET_PREFIX), body)
+        return None if response is None else _aws_response(request, response)  # None: botocore sends it
 
     # -- the wire ----------------------------------------------------------------------------------------------
 
@@ -1085,16 +1246,7 @@ class StreamSimulator:
         """Answer one request: `operation` is the X-Amz-Target's part after the dot, `body` the JSON sent."""
         served: ServedCall
         try:
-            try:
-                request = orjson.loads(body or b"{}")
-            except orjson.JSONDecodeError:
-                raise StreamServiceError(
-                    "SerializationException", "Start of structure or map found where not expected."
-                ) from None
-            if not isinstance(request, dict):
-                raise StreamServiceError(
-                    "SerializationException", "Start of structure or map found where not expected."
-                )
+            request = _parse_request(body)
             with self._lock:
                 payload, served = self._dispatch(operation, request)
             response = self._respond(200, payload)
@@ -1104,16 +1256,52 @@ class StreamSimulator:
         except StreamServiceError as error:
             served = ServedCall(operation, error.status, error.code)
             response = self._error(error)
+        self._served(served, response)
+        return response
+
+    def handle_dynamodb(self, operation: str, body: bytes) -> WireResponse | None:
+        """Answer a DynamoDB request (not Streams) if it is about a simulated table, else None.
+
+        Only DescribeTable of a table with a simulated stream (`TableName` its name or its ARN) is answered, from
+        its newest stream. Anything else (another operation, another table, a body it cannot read) is None, to go
+        on to the real backend, which answers it and its errors, ResourceNotFoundException included: a simulated
+        table exists, so the simulator has no DynamoDB error of its own to give.
+        """
+        if operation != "DescribeTable":
+            return None
+        try:
+            request = _parse_request(body)
+        except StreamServiceError:
+            return None
+        with self._lock:
+            stream = self._latest.get(self._table_named(request.get("TableName")))
+            if stream is None:
+                return None
+            payload = orjson.dumps(stream._describe_table())
+        response = self._respond(200, payload)
+        self._served(ServedCall(operation, 200, stream_arn=stream.arn), response)
+        return response
+
+    def _table_named(self, name: Any) -> str:
+        """The table name a DescribeTable's TableName means (it may be the table's ARN); "" for none of ours."""
+        if not isinstance(name, str):
+            return ""
+        prefix = f"arn:aws:dynamodb:{self.region}:{self.account_id}:table/"
+        if name.startswith("arn:"):
+            return name.removeprefix(prefix) if name.startswith(prefix) else ""
+        return name
+
+    def _served(self, served: ServedCall, response: WireResponse) -> None:
+        """Log an answered call, count it and tell the listeners."""
         with self._lock:
             served = _with_status(served, response.status, len(response.body))
             self._calls.append(served)
-            self.counts[operation] += 1
+            self.counts[served.operation] += 1
             if served.error_code is not None:
-                self.counts[f"{operation}:{served.error_code}"] += 1
+                self.counts[f"{served.operation}:{served.error_code}"] += 1
             listeners = list(self._listeners)
         for listener in listeners:
             listener(served)
-        return response
 
     def _dispatch(self, operation: str, request: dict[str, Any]) -> tuple[bytes, ServedCall]:
         now = self.clock.now()
@@ -1285,6 +1473,7 @@ def _with_status(served: ServedCall, status: int, body_bytes: int) -> ServedCall
 
 
 __all__ = [
+    "DYNAMODB_TARGET_PREFIX",
     "FIRST_SEQUENCE_NUMBER",
     "ITERATOR_TTL_SECONDS",
     "MAX_PAGE_BYTES",
@@ -1297,6 +1486,7 @@ __all__ = [
     "ServedCall",
     "ShardState",
     "SimulatedStream",
+    "StreamDisabledError",
     "StreamServiceError",
     "StreamSimulator",
     "WallClock",

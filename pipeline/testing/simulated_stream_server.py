@@ -1,9 +1,11 @@
 """The stream simulator over HTTP, in front of a backend: one endpoint_url for a whole pipeline process.
 
 A `streamsink run` in another process reaches AWS through one `source.endpoint_url`. This server answers the
-DynamoDB Streams requests in it (X-Amz-Target `DynamoDBStreams_20120810.*`) from a `StreamSimulator` and forwards
-every other request unchanged (DynamoDB for the checkpoint table, S3 for a sink, ...) to `backend_url`, typically
-the moto server. The pipeline then sets `source.stream_arn` to the simulated stream's ARN.
+DynamoDB Streams requests in it (X-Amz-Target `DynamoDBStreams_20120810.*`) and DescribeTable of the simulated
+tables (`DynamoDB_20120810.DescribeTable`, see `StreamSimulator.handle_dynamodb`) from a `StreamSimulator`, and
+forwards every other request unchanged (DynamoDB for the checkpoint table and for tables it does not simulate, S3
+for a sink, ...) to `backend_url`, typically the moto server. The pipeline then sets `source.stream_arn` to the
+simulated stream's ARN, or `source.table_name` to the simulated table, whose stream it resolves as on AWS.
 
     with SimulatedStreamsServer(simulator, backend_url=aws.endpoint_url) as server:
         ... source.endpoint_url = server.endpoint_url ...
@@ -20,7 +22,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
-from pipeline.testing.simulated_stream import STREAMS_TARGET_PREFIX, StreamSimulator
+from pipeline.testing.simulated_stream import (
+    DYNAMODB_TARGET_PREFIX,
+    STREAMS_TARGET_PREFIX,
+    StreamSimulator,
+    WireResponse,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,16 +131,21 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         body = self._read_body()
         target = self.headers.get("X-Amz-Target", "")
-        if self.command == "POST" and target.startswith(STREAMS_TARGET_PREFIX):
-            try:
-                answer = self.owner.simulator.handle(target.removeprefix(STREAMS_TARGET_PREFIX), body)
-            except Exception:
-                log.exception("the simulator failed on %s", target)
-                self._send(500, [("Content-Type", "text/plain")], b"simulator error")
-                return
-            self._send(answer.status, list(answer.headers.items()), answer.body)
+        simulator = self.owner.simulator
+        answer: WireResponse | None = None
+        try:
+            if self.command == "POST" and target.startswith(STREAMS_TARGET_PREFIX):
+                answer = simulator.handle(target.removeprefix(STREAMS_TARGET_PREFIX), body)
+            elif self.command == "POST" and target.startswith(DYNAMODB_TARGET_PREFIX):
+                answer = simulator.handle_dynamodb(target.removeprefix(DYNAMODB_TARGET_PREFIX), body)
+        except Exception:
+            log.exception("the simulator failed on %s", target)
+            self._send(500, [("Content-Type", "text/plain")], b"simulator error")
             return
-        self._forward(body)
+        if answer is None:  # not for the simulator: another service, or a table it does not simulate
+            self._forward(body)
+            return
+        self._send(answer.status, list(answer.headers.items()), answer.body)
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
