@@ -20,6 +20,7 @@ import json
 import re
 import socket
 import struct
+import sys
 import threading
 import time
 import urllib.parse
@@ -157,7 +158,7 @@ class FaultProxy:
     # -- lifecycle ---------------------------------------------------------------------------------------
 
     def start(self) -> FaultProxy:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        server = _QuietServer(("127.0.0.1", 0), _Handler)
         server.daemon_threads = True
         server.proxy = self  # type: ignore[attr-defined]
         self._server = server
@@ -226,6 +227,14 @@ class FaultProxy:
                 self._upstream.connection = None
             return response.status, response.getheaders(), payload
         raise AssertionError("unreachable")
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A client that goes away mid-answer (a killed `streamsink run`) is what the tests do on purpose."""
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
 class _Handler(BaseHTTPRequestHandler):
