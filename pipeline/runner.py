@@ -249,7 +249,6 @@ class Pipeline:
     def _schedule_readable(self) -> None:
         streams = self.clients.client("dynamodbstreams")
         for shard in self.lineage.readable(exclude=self._reading):
-            self._reading.add(shard.shard_id)
             start, not_before = self._start_position(shard)
             reader = ShardReader(
                 shard,
@@ -262,11 +261,12 @@ class Pipeline:
                 not_before=not_before,
             )
             if reader.start.kind == "LATEST":
-                reader.fix_position()
+                reader.fix_position()  # raises before the shard counts as being read: the next pass tries again
+            self._reading.add(shard.shard_id)
             log.info(
                 "reading shard %s from %s%s",
                 shard.shard_id,
-                reader.start if start.kind != "LATEST" else start,
+                start,
                 "" if not_before is None else f" (changes made since {_iso(not_before)})",
             )
             self.scheduler.add(reader)
@@ -362,6 +362,7 @@ class Pipeline:
                     self.discovery_failing_since = time.time()
                 self.discovery_error = f"{type(exc).__name__}: {exc}"
                 log.error("shard discovery failed, trying again in %.0fs: %s", interval, exc)
+                self._note_what_is_read()
                 continue
             self.discovery_failing_since = self.discovery_error = None
             self.lineage.update(shards)

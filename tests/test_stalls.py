@@ -1,0 +1,190 @@
+"""Nothing stalls silently, and health raises no false alarm.
+
+- Discovery failing across a roll-over leaves no shard being read: `/healthz` says so once `stall_seconds` pass.
+- A checkpoint table that is down is waited out like a sink outage (delivery waits, nothing is lost), and
+  `/healthz` names it.
+- A buffering sink whose `buffer_max_seconds` is longer than `stall_seconds` is not a stall.
+- A sink past its byte limit flushes (and the checkpoint follows) without waiting for the other sinks to be due.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from pipeline.aws import AwsClients
+from pipeline.ops.demo import _item
+from pipeline.records import Batch
+from pipeline.runner import Pipeline
+from pipeline.settings import Settings
+from pipeline.testing.emulator import EmbeddedAws
+from pipeline.testing.simulated_stream import ManualClock, StreamSimulator
+from pipeline.testing.simulated_stream_server import SimulatedStreamsServer
+from sinks.base import RetryableSinkError, WriteResult
+from sinks.memory import MemorySink
+from tests.conftest import read_archive, stream_records, unique, wait_until
+from tests.fault_proxy import Fault, FaultProxy, amz_target
+
+STALL = {"stall_seconds": 1.0}
+QUICK_RETRY = {"max_attempts": 3, "initial_delay_seconds": 0.01, "max_delay_seconds": 0.05}
+
+
+class GateSink(MemorySink):
+    """Down (every write retryable) until `up` is set."""
+
+    def __init__(self) -> None:
+        super().__init__("gate")
+        self.up = threading.Event()
+
+    def write(self, batch: Batch) -> WriteResult:
+        if not self.up.is_set():
+            raise RetryableSinkError("destination down")
+        return super().write(batch)
+
+
+def item(key: str, version: int) -> dict[str, Any]:
+    return {"pk": {"S": key}, "sk": {"S": "a"}, "version": {"N": str(version)}}
+
+
+def test_discovery_failing_across_a_roll_over_is_unhealthy_and_no_shard_read_is_said(
+    aws: EmbeddedAws, make_settings: Callable[..., Settings]
+) -> None:
+    simulator = StreamSimulator(clock=ManualClock(), rollover_seconds=None)
+    stream = simulator.create_stream("orders", shards=1)
+    (parent,) = stream.open_shard_ids()
+    stream.put_item(item("a", 1))
+    settings = make_settings(
+        source={"table_name": None, "stream_arn": stream.arn},
+        metrics=STALL,
+        retry=QUICK_RETRY,
+        reader={"discovery_interval_seconds": 0.2},
+    )
+    clients = AwsClients(aws.region, aws.endpoint_url)
+    simulator.attach(clients.client("dynamodbstreams"))
+    sink = GateSink()
+    pipeline = Pipeline(settings, sinks=[sink], clients=clients)
+    pipeline.start()
+    try:
+        child = stream.roll_over_shard(parent)
+        stream.put_item(item("a", 2))
+        wait_until(lambda: any(s.shard_id == child for s in pipeline.lineage.shards()), what="the child listed")
+        simulator.fail_next("DescribeStream", "InternalServerError", times=10**6)  # DescribeStream goes down
+        sink.up.set()  # the parent can finish now, and its child would be next
+        wait_until(lambda: pipeline.lineage.is_finished(parent), what="the parent finished")
+
+        def reasons() -> str:
+            return "\n".join(pipeline.metrics.health().reasons)
+
+        wait_until(lambda: "shard discovery (DescribeStream) failing" in reasons(), timeout=10, what="health")
+        assert "no shard has been read" in reasons()
+        assert pipeline.scheduler.active_shard_ids() == set()
+    finally:
+        pipeline.stop(timeout=5)
+    assert [int(r.new_image["version"]) for r in sink.records] == [1]  # the child's change waits, not lost
+
+
+@pytest.fixture
+def proxy(aws: EmbeddedAws) -> Iterator[FaultProxy]:
+    with FaultProxy(aws.endpoint_url) as running:
+        yield running
+
+
+def test_a_checkpoint_table_outage_is_waited_out_named_by_health_and_loses_nothing(
+    aws: EmbeddedAws, proxy: FaultProxy, make_settings: Callable[..., Settings]
+) -> None:
+    """The stream is the simulated one (over HTTP); the checkpoint table is moto behind the fault proxy."""
+    simulator = StreamSimulator()
+    stream = simulator.create_stream("orders", shards=2)
+    with SimulatedStreamsServer(simulator, backend_url=proxy.endpoint_url) as server:
+        settings = make_settings(
+            source={"table_name": None, "stream_arn": stream.arn, "endpoint_url": server.endpoint_url},
+            metrics=STALL,
+            retry=QUICK_RETRY,
+        )
+        sink = MemorySink()
+        pipeline = Pipeline(settings, sinks=[sink], clients=AwsClients(aws.region, server.endpoint_url))
+        pipeline.start()
+        try:
+            stream.write_synthetic(20, item_bytes=200)
+            wait_until(lambda: len(pipeline.stats.committed) == 2, what="both shards checkpointed")
+            outage = proxy.inject(
+                amz_target("DynamoDB_20120810.BatchWriteItem"), Fault("status", 500, "InternalServerError")
+            )
+            stream.write_synthetic(50, item_bytes=200, first=20)
+            wait_until(
+                lambda: any("checkpoint table" in reason for reason in pipeline.metrics.health().reasons),
+                timeout=10,
+                what="health to name the checkpoint table",
+            )
+            time.sleep(1.0)
+            assert pipeline.fatal is None, pipeline.fatal
+            assert proxy.faults["status"] > 3 * QUICK_RETRY["max_attempts"]
+            proxy.clear(outage)
+            last = {s.shard_id: s.last_sequence_number for s in stream.shards()}
+            wait_until(lambda: pipeline.stats.committed == last, timeout=30, what="the checkpoints to catch up")
+            assert pipeline.metrics.health().healthy
+        finally:
+            proxy.clear()
+            assert pipeline.stop() is True
+    assert sorted(r.event_id for r in sink.records) == sorted(r["eventID"] for r in stream.records())
+
+
+def test_a_sink_buffering_longer_than_stall_seconds_is_not_a_stall(
+    dynamodb: Any, table: str, bucket: str, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings(
+        metrics=STALL,
+        sinks=[{"type": "s3_parquet", "bucket": bucket, "prefix": "orders/", "buffer_max_seconds": 4.0}],
+    )
+    pipeline = Pipeline(settings)
+    pipeline.start()
+    try:
+        for n in range(5):
+            dynamodb.put_item(TableName=table, Item=_item(n))
+        wait_until(lambda: pipeline.stats.records_read == 5, what="the changes read")
+        observed = []
+        deadline = time.monotonic() + 3.0  # three stall periods inside one buffer period
+        while time.monotonic() < deadline:
+            observed.append(pipeline.metrics.health())
+            time.sleep(0.2)
+        assert pipeline.stats.committed == {}, "the archive flushed early: the test shows nothing"
+        assert all(h.healthy for h in observed), next(h.reasons for h in observed if not h.healthy)
+        wait_until(lambda: bool(pipeline.stats.committed), timeout=10, what="the buffer's flush")
+    finally:
+        assert pipeline.stop() is True
+
+
+def test_a_sink_past_its_byte_limit_flushes_without_waiting_for_the_others(
+    aws: EmbeddedAws, dynamodb: Any, table: str, make_settings: Callable[..., Settings]
+) -> None:
+    s3 = aws.client("s3")
+    small, large = unique("small"), unique("large")
+    for name in (small, large):
+        s3.create_bucket(Bucket=name)
+    settings = make_settings(
+        sinks=[
+            {
+                "type": "s3_parquet",
+                "name": "small",
+                "bucket": small,
+                "buffer_max_bytes": 1024,
+                "buffer_max_seconds": 900,
+            },
+            {"type": "s3_parquet", "name": "large", "bucket": large},
+        ]
+    )
+    pipeline = Pipeline(settings)
+    pipeline.start()
+    try:
+        for n in range(20):
+            dynamodb.put_item(TableName=table, Item=_item(n))
+        last = max((r["dynamodb"]["SequenceNumber"] for r in stream_records(aws, table)), key=int)
+        wait_until(lambda: list(pipeline.stats.committed.values()) == [last], timeout=10, what="a flush and checkpoint")
+        assert read_archive(aws, small, prefix="").num_rows == 20
+        assert read_archive(aws, large, prefix="").num_rows == 20  # flushed with it: the checkpoint needs both
+    finally:
+        assert pipeline.stop() is True
