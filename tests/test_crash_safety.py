@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow.parquet as pq
+import pytest
 from botocore.exceptions import ClientError
 
 from pipeline.retry import RetryPolicy
@@ -629,6 +630,7 @@ def _print_report(title: str, report: CrashReport) -> None:
         )
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_loses_no_change(aws: EmbeddedAws, bucket: str, tmp_path: Path) -> None:
     dynamodb = aws.client("dynamodb")
     table = unique("orders")
@@ -646,6 +648,7 @@ def test_sigkill_at_random_points_loses_no_change(aws: EmbeddedAws, bucket: str,
     _print_report("moto stream", report)
 
 
+@pytest.mark.slow
 def test_sigkill_while_shards_split_loses_no_change(aws: EmbeddedAws, bucket: str, tmp_path: Path) -> None:
     """The simulated endpoint answers DynamoDB Streams and forwards everything else (checkpoints) to moto."""
     simulator = StreamSimulator(rollover_seconds=None)

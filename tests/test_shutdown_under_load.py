@@ -19,6 +19,8 @@ import pytest
 from pipeline.ops.demo import _item
 from pipeline.state.checkpoint import Checkpoint
 from pipeline.testing.emulator import EmbeddedAws, create_stream_table
+from pipeline.testing.simulated_stream import StreamSimulator
+from pipeline.testing.simulated_stream_server import SimulatedStreamsServer
 from tests.conftest import read_archive, unique, wait_until
 from tests.fault_proxy import FaultProxy, latency, s3_bucket
 from tests.test_crash_safety import (
@@ -132,6 +134,7 @@ def _assert_checkpoints_at_archive(
         assert not missing, f"shard {shard_id} checkpointed at {at} but {len(missing)} records up to it are missing"
 
 
+@pytest.mark.slow
 def test_sigterm_under_load_drains_within_the_timeout_and_checkpoints_exactly_what_is_archived(
     aws: EmbeddedAws, bucket: str, proxy: FaultProxy, tmp_path: Path
 ) -> None:
@@ -170,6 +173,7 @@ def test_sigterm_under_load_drains_within_the_timeout_and_checkpoints_exactly_wh
     )
 
 
+@pytest.mark.slow
 def test_a_shutdown_timeout_shorter_than_the_drain_exits_1_and_the_next_run_delivers_the_rest(
     aws: EmbeddedAws, bucket: str, proxy: FaultProxy, tmp_path: Path
 ) -> None:
@@ -211,3 +215,58 @@ def test_a_shutdown_timeout_shorter_than_the_drain_exits_1_and_the_next_run_deli
         f"\ntimed-out shutdown: exit 1 {seconds:.2f}s after SIGTERM (timeout {timeout}s); the next run archived "
         f"the rest; {sum(archived_ids.values()) - len(archived_ids)} duplicates"
     )
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_stream_throttles_is_not_held_by_getrecords_retries(
+    aws: EmbeddedAws, bucket: str, tmp_path: Path
+) -> None:
+    """GetRecords throttled at SIGTERM, with the default retry policy (10 attempts, back-offs up to 20 s): the
+    stop interrupts those back-offs at once, so the drain gets the shutdown budget and the run exits 0 with its
+    checkpoints at what it delivered."""
+    simulator = StreamSimulator()
+    stream = simulator.create_stream("orders", shards=2)
+    stream.write_synthetic(60, item_bytes=300)
+    timeout = 8.0
+    with SimulatedStreamsServer(simulator, backend_url=aws.endpoint_url) as server:
+        checkpoint_table = unique("checkpoints")
+        config = write_config(
+            tmp_path / "throttled.toml",
+            {
+                "source": {"stream_arn": stream.arn, "region": aws.region, "endpoint_url": server.endpoint_url},
+                "checkpoint": {"table_name": checkpoint_table},
+                "batch": {"max_wait_seconds": 0.1},
+                "reader": {"idle_poll_min_seconds": 0.05, "idle_poll_max_seconds": 0.2},
+                "dead_letter": {"path": str(tmp_path / "dead-letters.jsonl")},
+                "runtime": {"shutdown_timeout_seconds": timeout, "log_format": "text"},
+                "sinks": [
+                    {
+                        "type": "s3_parquet",
+                        "bucket": bucket,
+                        "prefix": "orders/",
+                        "buffer_max_seconds": 0.0,
+                        "endpoint_url": aws.endpoint_url,
+                    }
+                ],
+            },
+        )
+        last = {s.shard_id: s.last_sequence_number for s in stream.shards()}
+        run = StreamsinkProcess(config, tmp_path / "throttled.log")
+
+        def checkpointed() -> dict[str, str | None]:
+            return {
+                s: c.sequence_number
+                for s, c in load_checkpoints(aws.client("dynamodb"), checkpoint_table, stream.arn).items()
+            }
+
+        wait_until(lambda: checkpointed() == last or run.process.poll() is not None, timeout=30, what="the backlog")
+        simulator.fail_next("GetRecords", "LimitExceededException", times=10**6)
+        wait_until(lambda: simulator.counts["GetRecords:LimitExceededException"] >= 4, what="readers backing off")
+        code, seconds = run.terminate(timeout=timeout + SHUTDOWN_MARGIN_SECONDS)
+    assert code == 0, f"exit {code} after {seconds:.1f}s:\n{run.output()}"
+    assert seconds < timeout, run.output()
+    assert "timed out" not in run.output()
+    assert checkpointed() == last
+    archived = read_archive(aws, bucket).column("event_id").to_pylist()
+    assert sorted(set(archived)) == sorted(r["eventID"] for r in stream.records())
+    print(f"\nthrottled stream at SIGTERM: exit 0 after {seconds:.2f}s (timeout {timeout}s)")
