@@ -147,6 +147,7 @@ class Pipeline:
             assert source.table_name is not None
             self.stream_arn = resolve_stream_arn(self.clients.client("dynamodb"), source.table_name, self.source_retry)
         self._assembler = BatchAssembler(self.settings.batch, table_name_of(self.stream_arn))
+        self._open_destinations()
         store = self.store = CheckpointStore(
             self.clients.client("dynamodb"),
             table_name=self.settings.checkpoint.table_name,
@@ -159,7 +160,6 @@ class Pipeline:
         state = store.load_state()
         shards = describe_shards(self.clients.client("dynamodbstreams"), self.stream_arn, self.source_retry)
         self.lineage.update(shards)
-        self._open_destinations()
         self.stream_start = self._fix_start(store, state, shards)
         self._reconcile(shards)
         rows = store.known()
