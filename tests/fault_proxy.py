@@ -55,6 +55,8 @@ class Fault:
     status: int = 0
     code: str = ""
     delay_seconds: float = 0.0
+    message: str = ""
+    """The error's message (`status` faults); the code when empty. Services quote values in some messages."""
 
 
 SLOW_DOWN = Fault("status", 503, "SlowDown")
@@ -318,12 +320,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_error(self, fault: Fault, request: RequestInfo) -> None:
         if request.target:
-            body = json.dumps({"__type": f"com.amazonaws.dynamodb.v20120810#{fault.code}", "message": fault.code})
+            message = fault.message or fault.code
+            body = json.dumps({"__type": f"com.amazonaws.dynamodb.v20120810#{fault.code}", "message": message})
             content_type = "application/x-amz-json-1.0"
         else:
             body = (
                 '<?xml version="1.0" encoding="UTF-8"?>\n'
-                f"<Error><Code>{fault.code}</Code><Message>injected {fault.code}</Message>"
+                f"<Error><Code>{fault.code}</Code><Message>{fault.message or f'injected {fault.code}'}</Message>"
                 "<RequestId>fault-proxy</RequestId></Error>"
             )
             content_type = "application/xml"

@@ -111,3 +111,32 @@ def test_skipping_says_which_shards_were_lost_counts_them_and_goes_on_with_the_c
     assert restarted.stats.aged_out_skips == 2
     scraped = restarted.metrics.registry.get_sample_value("streamsink_trimmed_skips_total")
     assert scraped == 2
+
+
+def test_rows_and_state_of_shards_long_finished_are_forgotten(
+    simulator: StreamSimulator, clock: ManualClock, build: Build
+) -> None:
+    """A finished shard is forgotten (its checkpoint row deleted, nothing kept in memory) once it has aged out of
+    the stream and none of its children is unfinished: a pipeline running for months reads a bounded partition."""
+    stream = simulator.create_stream("orders", shards=1)
+    (a,) = stream.open_shard_ids()
+    stream.put_item(item("k", 1))
+    sink = MemorySink()
+    pipeline = build(stream, sink)
+    pipeline.start()
+    b = stream.roll_over_shard(a)
+    stream.put_item(item("k", 2))
+    c = stream.roll_over_shard(b)
+    stream.put_item(item("k", 3))
+    wait_until(lambda: pipeline.lineage.is_finished(a) and pipeline.lineage.is_finished(b), what="A and B read")
+    assert pipeline.store is not None
+    assert set(pipeline.store.known()) == {a, b, c}
+
+    clock.advance(DAY + 3600)  # A and B age out; B's child C is unfinished, so B is still needed
+    stream.put_item(item("k", 4))
+    wait_until(lambda: len(sink.records) == 4, what="C's newest change")
+    wait_until(lambda: set(pipeline.store.known()) == {b, c}, what="A forgotten")
+    assert set(pipeline.store.load()) == {b, c}  # the table itself, not just the cache
+    assert set(pipeline.stats.committed) <= {b, c}
+    assert not pipeline.lineage.is_finished(a)  # the in-memory finished set follows the stream
+    assert pipeline.fatal is None

@@ -209,3 +209,28 @@ def test_calls_stay_under_the_batch_size_limit_and_a_refused_entry_goes_whole_to
     stored = [orjson.loads(line) for line in overflow.path.read_bytes().splitlines()]
     assert [entry["sequence_number"] for entry in stored] == ["5"]
     assert stored[0]["record"]["dynamodb"]["NewImage"]["payload"] == {"S": "y" * 100_000}
+
+
+def test_a_dead_letter_file_and_the_directories_made_for_it_are_private(tmp_path: Path) -> None:
+    """Dead letters hold item data: what streamsink creates for them only its owner can read."""
+    existing = tmp_path / "shared"
+    existing.mkdir(mode=0o755)
+    existing.chmod(0o755)
+    path = existing / "streamsink" / "dead" / "letters.jsonl"
+    dead_letters = JsonlDeadLetters(path)
+    dead_letters.open()
+    dead_letters.put("archive", _refused(_record(1)))
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert (existing / "streamsink").stat().st_mode & 0o777 == 0o700
+    assert (existing / "streamsink" / "dead").stat().st_mode & 0o777 == 0o700
+    assert existing.stat().st_mode & 0o777 == 0o755  # a directory that was there already is left as it was
+    assert len(path.read_bytes().splitlines()) == 1
+
+
+def test_the_dead_letter_prefix_is_normalised_like_the_archives() -> None:
+    settings = load_settings(
+        source={"table_name": "t"},
+        sinks=[{"type": "memory"}],
+        dead_letter={"destination": "s3", "bucket": "b", "prefix": "/refused"},
+    )
+    assert settings.dead_letter.prefix == "refused/"

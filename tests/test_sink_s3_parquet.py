@@ -7,6 +7,7 @@ The sink writes to the moto server through s3fs and pyarrow; failures come from 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pyarrow.parquet as pq
@@ -138,3 +139,20 @@ def test_a_refused_part_outranks_an_outage_in_what_flush_raises(
         sink.flush()
     assert list(_objects(aws, bucket)) == ["orders/dt=2026-05-27/hour=10/b-7-7.parquet"]
     sink.close()
+
+
+def test_a_record_whose_stream_position_cannot_name_an_object_is_refused_not_written_elsewhere(
+    aws: EmbeddedAws, bucket: str
+) -> None:
+    sink = _sink(aws, bucket)
+    good = _record("shardId-00000001-aa", 7, HOUR_END)
+    escaping = change_record(shard_id="../../elsewhere", sequence=8, event_id="escaping")
+    odd_sequence = change_record(shard_id="shardId-00000001-aa", sequence=9, event_id="odd")
+    odd_sequence = replace(odd_sequence, sequence_number="9/../../x")
+    result = sink.write(Batch((good, escaping, odd_sequence), 3))
+    assert set(result.failed) == {"escaping", "odd"}
+    assert all(isinstance(e, PermanentSinkError) for e in result.failed.values())
+    assert "shard id" in str(result.failed["escaping"]) and "sequence number" in str(result.failed["odd"])
+    sink.flush()
+    sink.close()
+    assert list(_objects(aws, bucket)) == ["orders/dt=2026-05-27/hour=10/shardId-00000001-aa-7-7.parquet"]
