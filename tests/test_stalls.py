@@ -183,7 +183,7 @@ def test_a_sink_past_its_byte_limit_flushes_without_waiting_for_the_others(
         for n in range(20):
             dynamodb.put_item(TableName=table, Item=_item(n))
         last = max((r["dynamodb"]["SequenceNumber"] for r in stream_records(aws, table)), key=int)
-        wait_until(lambda: list(pipeline.stats.committed.values()) == [last], timeout=10, what="a flush and checkpoint")
+        wait_until(lambda: list(pipeline.stats.committed.values()) == [last], timeout=30, what="a flush and checkpoint")
         assert read_archive(aws, small, prefix="").num_rows == 20
         assert read_archive(aws, large, prefix="").num_rows == 20  # flushed with it: the checkpoint needs both
     finally:
