@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from pipeline.aws import AwsClients
 from pipeline.delivery.batcher import BatchAssembler, BoundedQueue, ClosedBatch, QueueClosedError
@@ -118,10 +119,9 @@ class Pipeline:
         self.reading_nothing_since: float | None = None
         self.metrics = PipelineMetrics(self, stall_seconds=settings.metrics.stall_seconds)
         self.metrics_server: MetricsServer | None = None
-        self._first_run = False
-        """This process wrote the first-start record: LATEST shards may take a LATEST iterator."""
         self._check_unknown_parents = True
-        self._initial_open: set[str] = set()
+        self._fixed_readers: dict[str, ShardReader] = {}
+        """Readers whose LATEST iterator the first start fixed before it recorded its moment."""
         self._reading: set[str] = set()
         """Shards handed to the scheduler and not yet finished."""
         self._all_finished_logged = False
@@ -158,7 +158,7 @@ class Pipeline:
         store.ensure_table(self.settings.checkpoint.create_table)
         self._check_stream_in_use(store)
         state = store.load_state()
-        shards = describe_shards(self.clients.client("dynamodbstreams"), self.stream_arn, self.source_retry)
+        shards = self._describe()
         self.lineage.update(shards)
         self.stream_start = self._fix_start(store, state, shards)
         self._reconcile(shards)
@@ -224,16 +224,42 @@ class Pipeline:
             self._check_unknown_parents = False
             return store.record_start(StreamStart("TRIM_HORIZON", None, now))
         position = source.starting_position
+        # A first start tried before (killed, or failed) may have left rows: they describe a stream that was never
+        # read, so they are written afresh, and those of shards gone since are dropped.
+        store.prune(set(state.checkpoints) - {s.shard_id for s in shards})
         skipped = {s.shard_id for s in shards if s.closed} if position == "LATEST" else set()
         # LATEST means: nothing from before now. Closed shards hold only the past.
-        store.register(((s.shard_id, s.parent_shard_id) for s in shards), finished=skipped)
+        store.register(((s.shard_id, s.parent_shard_id) for s in shards), finished=skipped, overwrite=True)
         self.lineage.mark_finished(skipped)
         self._check_unknown_parents = False  # parents that aged out before the first start are none of ours
-        ours = StreamStart(position, _since(self.settings), now)
+        since = _since(self.settings)
+        if position == "LATEST":
+            since = self._fix_latest_iterators([s for s in shards if not s.closed])
+        ours = StreamStart(position, since, now)
         fixed = store.record_start(ours)
-        self._first_run = fixed == ours
-        self._initial_open = {s.shard_id for s in shards if not s.closed}
+        if fixed != ours:  # another process made the first start: its moment holds, not our iterators
+            self._fixed_readers = {}
+        for reader in self._fixed_readers.values():
+            assert fixed.since is not None
+            reader.count_from(float(fixed.since))
         return fixed
+
+    def _fix_latest_iterators(self, shards: list[ShardInfo]) -> int:
+        """Take a LATEST iterator for every open shard, then name the moment: the service's clock (its HTTP Date)
+        after the last of them. Every change made from that second on comes after every iterator, so the first
+        run, which reads from them, leaves none out; a later start reads from the oldest record and leaves out
+        what was made before that second, so every run agrees on what "after the first start" means."""
+        streams = self.clients.client("dynamodbstreams")
+        service_times: list[float] = []
+        for shard in shards:
+            reader = self._reader(shard, streams, StartPosition("LATEST"), None)
+            reader.fix_position()
+            self._fixed_readers[shard.shard_id] = reader
+            if reader.service_time is not None:
+                service_times.append(reader.service_time)
+        if service_times and len(service_times) == len(shards):
+            return math.floor(max(service_times)) + 1  # the Date header is the whole second it answered in
+        return math.ceil(time.time())  # no Date from the service: the host's clock, after every iterator
 
     def _start_position(self, shard: ShardInfo) -> tuple[StartPosition, float | None]:
         """Where a shard is read from, and from which creation time its records count."""
@@ -242,33 +268,29 @@ class Pipeline:
         if row is not None and row.sequence_number is not None:
             return StartPosition.after(row.sequence_number), None
         since = None if self.stream_start.since is None else float(self.stream_start.since)
-        if self._first_run and self.stream_start.starting_position == "LATEST" and shard.shard_id in self._initial_open:
-            return StartPosition("LATEST"), since
         return StartPosition("TRIM_HORIZON"), since
+
+    def _reader(self, shard: ShardInfo, streams: Any, start: StartPosition, not_before: float | None) -> ShardReader:
+        return ShardReader(
+            shard,
+            stream_arn=self.stream_arn,
+            streams=streams,
+            retry=self.source_retry,
+            start=start,
+            limit=self.settings.reader.get_records_limit,
+            on_trimmed_data=self.settings.source.on_trimmed_data,
+            not_before=not_before,
+        )
 
     def _schedule_readable(self) -> None:
         streams = self.clients.client("dynamodbstreams")
         for shard in self.lineage.readable(exclude=self._reading):
-            start, not_before = self._start_position(shard)
-            reader = ShardReader(
-                shard,
-                stream_arn=self.stream_arn,
-                streams=streams,
-                retry=self.source_retry,
-                start=start,
-                limit=self.settings.reader.get_records_limit,
-                on_trimmed_data=self.settings.source.on_trimmed_data,
-                not_before=not_before,
-            )
-            if reader.start.kind == "LATEST":
-                reader.fix_position()  # raises before the shard counts as being read: the next pass tries again
+            reader = self._fixed_readers.pop(shard.shard_id, None)
+            if reader is None:
+                start, not_before = self._start_position(shard)
+                reader = self._reader(shard, streams, start, not_before)
             self._reading.add(shard.shard_id)
-            log.info(
-                "reading shard %s from %s%s",
-                shard.shard_id,
-                start,
-                "" if not_before is None else f" (changes made since {_iso(not_before)})",
-            )
+            log.info("reading shard %s from %s", shard.shard_id, _describe_reader(reader))
             self.scheduler.add(reader)
 
     # -- what the stream lists, against what the checkpoints say ---------------------------------------------
@@ -276,6 +298,21 @@ class Pipeline:
     def _reconcile(self, shards: list[ShardInfo]) -> None:
         """Shards the stream lists against the rows of the checkpoint table: say loudly what was lost, give new
         shards their rows, and forget rows nothing needs any more."""
+        assert self.store is not None
+        lost = self._lost(shards)
+        if lost:
+            # Losing a shard is loud and stops by default: one listing that left a shard out must not cause it.
+            again = {s.shard_id for s in self._describe()}
+            lost = [(shard_id, what) for shard_id, what in lost if shard_id not in again]
+        for shard_id, what in lost:
+            self._aged_out(shard_id, what)
+        self.store.register((s.shard_id, s.parent_shard_id) for s in shards)
+        self._check_unknown_parents = True
+        self._forget_finished(shards)
+
+    def _lost(self, shards: list[ShardInfo]) -> list[tuple[str, str]]:
+        """Shards whose records were needed and that the stream no longer lists: unfinished rows, and (after the
+        first start) parents of shards never seen that no row knows either."""
         assert self.store is not None
         listed = {s.shard_id for s in shards}
         rows = self.store.known()
@@ -289,11 +326,10 @@ class Pipeline:
                 parent = shard.parent_shard_id
                 if shard.shard_id not in rows and parent and parent not in listed and parent not in rows:
                     lost.append((parent, f"the parent of {shard.shard_id}, it came and went unread"))
-        for shard_id, what in lost:
-            self._aged_out(shard_id, what)
-        self.store.register((s.shard_id, s.parent_shard_id) for s in shards)
-        self._check_unknown_parents = True
-        self._forget_finished(shards)
+        return lost
+
+    def _describe(self) -> list[ShardInfo]:
+        return describe_shards(self.clients.client("dynamodbstreams"), self.stream_arn, self.source_retry)
 
     def _aged_out(self, shard_id: str, what: str) -> None:
         """A shard whose records were needed has left the stream (closed more than 24 hours ago)."""
@@ -322,8 +358,8 @@ class Pipeline:
         if done:
             self.store.prune(done)
             log.info("forgot %d finished shard(s) that aged out of the stream", len(done))
-        for shard_id in [s for s in self.stats.committed if s not in listed and s not in self._reading]:
-            del self.stats.committed[shard_id]
+        for shard_id in [s for s in list(self.stats.committed) if s not in listed and s not in self._reading]:
+            self.stats.committed.pop(shard_id, None)
         self.metrics.forget(set(self.metrics.committed_shards()) - listed - self._reading)
 
     # -- readers -----------------------------------------------------------------------------------------
@@ -462,6 +498,14 @@ class Pipeline:
         self.stats.checkpoints_written += 1
         self.stats.committed.update(positions)
         self.metrics.observe_commit(set(positions))
+        now = time.time()
+        for shard_id, sequence in positions.items():
+            progress = self.scheduler.progress.get(shard_id)
+            if progress is None:
+                continue
+            read = progress.last_sequence_read
+            # Everything read is checkpointed, or progress was made and what is left was read after this moment.
+            progress.unacked_since = None if read is None or int(sequence) >= int(read) else now
         if finished:
             self.stats.shards_finished += len(finished)
             self.lineage.mark_finished(finished)
@@ -538,6 +582,12 @@ def _since(settings: Settings) -> int | None:
 
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _describe_reader(reader: ShardReader) -> str:
+    where = str(reader.start) if reader.last_sequence_read is None else f"after {reader.last_sequence_read}"
+    counted = reader.counting_from
+    return where if counted is None else f"{where} (changes made since {_iso(counted)})"
 
 
 def _describe_start(start: StreamStart | None) -> str:

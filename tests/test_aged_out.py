@@ -10,18 +10,22 @@ was created and aged out while the pipeline was down; only its child is still li
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
+import pipeline.runner as runner
 from pipeline.aws import AwsClients
+from pipeline.records import Batch
 from pipeline.runner import Pipeline
 from pipeline.settings import Settings
 from pipeline.source.reader import TrimmedDataError
 from pipeline.testing.emulator import EmbeddedAws
 from pipeline.testing.simulated_stream import ManualClock, SimulatedStream, StreamSimulator
+from sinks.base import RetryableSinkError, WriteResult
 from sinks.memory import MemorySink
 from tests.conftest import wait_until
 
@@ -140,3 +144,107 @@ def test_rows_and_state_of_shards_long_finished_are_forgotten(
     assert set(pipeline.stats.committed) <= {b, c}
     assert not pipeline.lineage.is_finished(a)  # the in-memory finished set follows the stream
     assert pipeline.fatal is None
+
+
+class SwitchSink(MemorySink):
+    """Down (every write retryable) while `down` is set."""
+
+    def __init__(self) -> None:
+        super().__init__("switch")
+        self.down = threading.Event()
+        self.attempts = 0
+
+    def write(self, batch: Batch) -> WriteResult:
+        self.attempts += 1
+        if self.down.is_set():
+            raise RetryableSinkError("destination down")
+        return super().write(batch)
+
+
+@pytest.mark.parametrize("on_trimmed_data", ["fail", "skip_to_trim_horizon"])
+def test_an_outage_outlasting_a_parents_retention_applies_on_trimmed_data_to_it(
+    aws: EmbeddedAws,
+    simulator: StreamSimulator,
+    clock: ManualClock,
+    make_settings: Callable[..., Settings],
+    on_trimmed_data: str,
+) -> None:
+    """The parent's reader waits at the full queue through a sink outage of more than a day; when it polls again
+    its shard has left the stream. That is trimmed data like any other: stop naming it, or say so and go on."""
+    stream = simulator.create_stream("orders", shards=1)
+    (a,) = stream.open_shard_ids()
+    settings = make_settings(
+        source={"table_name": None, "stream_arn": stream.arn, "on_trimmed_data": on_trimmed_data},
+        batch={"max_records": 5, "queue_capacity": 5, "max_wait_seconds": 0.05},
+        reader={"get_records_limit": 5},
+    )
+    clients = AwsClients(aws.region, aws.endpoint_url)
+    simulator.attach(clients.client("dynamodbstreams"))
+    sink = SwitchSink()
+    pipeline = Pipeline(settings, sinks=[sink], clients=clients)
+    pipeline.start()
+    try:
+        stream.put_item(item("warm", 1))
+        wait_until(lambda: len(sink.records) == 1, what="a first delivery")
+        sink.down.set()
+        for n in range(40):
+            stream.put_item(item(f"k{n}", 1))  # a backlog in A that the full queue holds back
+        stream.roll_over_shard(a)
+        wait_until(lambda: sink.attempts >= 3, what="the outage to be retried")
+        clock.advance(DAY + 3600)  # A is trimmed and leaves the stream while the sink is down
+        stream.put_item(item("in-the-child", 1))
+        sink.down.clear()
+        if on_trimmed_data == "fail":
+            wait_until(lambda: pipeline.fatal is not None, what="the stop")
+            assert isinstance(pipeline.fatal, TrimmedDataError) and a in str(pipeline.fatal)
+        else:
+            wait_until(lambda: any(r.keys["pk"] == "in-the-child" for r in sink.records), what="the child read")
+            assert pipeline.fatal is None and pipeline.scheduler.trimmed_skips >= 1
+    finally:
+        pipeline.stop(timeout=2)
+
+
+def test_one_listing_that_leaves_a_shard_out_does_not_make_it_lost(
+    aws: EmbeddedAws,
+    simulator: StreamSimulator,
+    make_settings: Callable[..., Settings],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Losing a shard stops the pipeline by default; a single DescribeStream answer that lacks a shard (a lagging
+    view) must not: the shard is taken as gone only when a second listing agrees."""
+    stream = simulator.create_stream("orders", shards=1)
+    (a,) = stream.open_shard_ids()
+    settings = make_settings(source={"table_name": None, "stream_arn": stream.arn})
+    clients = AwsClients(aws.region, aws.endpoint_url)
+    simulator.attach(clients.client("dynamodbstreams"))
+    sink = SwitchSink()
+    pipeline = Pipeline(settings, sinks=[sink], clients=clients)
+    pipeline.start()
+    real = runner.describe_shards
+    leave_out: list[str] = []
+
+    def lagging(*args: Any, **kwargs: Any) -> Any:
+        shards = real(*args, **kwargs)
+        if leave_out:
+            gone = leave_out.pop()
+            return [s for s in shards if s.shard_id != gone]
+        return shards
+
+    monkeypatch.setattr(runner, "describe_shards", lagging)
+    try:
+        stream.put_item(item("k", 1))
+        wait_until(lambda: len(sink.records) == 1, what="the first change")
+        sink.down.set()  # A's last page waits in delivery, so its child is registered but not being read
+        stream.put_item(item("k", 2))
+        child = stream.roll_over_shard(a)
+        stream.put_item(item("k", 3))
+        assert pipeline.store is not None
+        wait_until(lambda: pipeline.store.checkpoint(child) is not None, what="the child registered")  # type: ignore[union-attr]
+        leave_out.append(child)
+        wait_until(lambda: not leave_out, what="the short listing")
+        sink.down.clear()
+        wait_until(lambda: len(sink.records) == 3, what="every change, the child's included")
+        assert pipeline.fatal is None and pipeline.stats.aged_out_skips == 0
+        assert [int(r.new_image["version"]) for r in sink.records] == [1, 2, 3]  # type: ignore[index]
+    finally:
+        pipeline.stop(timeout=2)

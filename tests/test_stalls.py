@@ -188,3 +188,61 @@ def test_a_sink_past_its_byte_limit_flushes_without_waiting_for_the_others(
         assert read_archive(aws, large, prefix="").num_rows == 20  # flushed with it: the checkpoint needs both
     finally:
         assert pipeline.stop() is True
+
+
+def _reasons(pipeline: Pipeline) -> str:
+    return "\n".join(pipeline.metrics.health().reasons)
+
+
+def test_a_sink_down_from_the_start_is_unhealthy_however_steady_the_trickle_of_changes(
+    aws: EmbeddedAws, make_settings: Callable[..., Settings]
+) -> None:
+    """A shard that never committed in this process, and keeps getting new records, is still stalled: the clock
+    runs from the oldest record read and not checkpointed, not from the newest page."""
+    simulator = StreamSimulator()
+    stream = simulator.create_stream("orders", shards=1)
+    settings = make_settings(source={"table_name": None, "stream_arn": stream.arn}, metrics=STALL)
+    clients = AwsClients(aws.region, aws.endpoint_url)
+    simulator.attach(clients.client("dynamodbstreams"))
+    pipeline = Pipeline(settings, sinks=[GateSink()], clients=clients)
+    pipeline.start()
+    try:
+        deadline = time.monotonic() + 6
+        n = 0
+        while time.monotonic() < deadline and "nothing checkpointed" not in _reasons(pipeline):
+            stream.put_item(item(f"k{n}", 1))
+            n += 1
+            time.sleep(0.3)
+        reasons = _reasons(pipeline)
+        assert "nothing checkpointed" in reasons and "sink gate: writes failing" in reasons
+    finally:
+        pipeline.stop(timeout=1)
+
+
+def test_a_sink_down_while_a_shard_ends_is_unhealthy_after_its_reader_retired(
+    aws: EmbeddedAws, make_settings: Callable[..., Settings]
+) -> None:
+    """The shard's last page is queued and its reader gone; the other shard is idle and read. Only the delivery
+    side knows it is stuck: health names the failing sink."""
+    simulator = StreamSimulator(rollover_seconds=None)
+    stream = simulator.create_stream("orders", shards=2)
+    a, _b = stream.open_shard_ids()
+    settings = make_settings(source={"table_name": None, "stream_arn": stream.arn}, metrics=STALL)
+    clients = AwsClients(aws.region, aws.endpoint_url)
+    simulator.attach(clients.client("dynamodbstreams"))
+    sink = GateSink()
+    sink.up.set()
+    pipeline = Pipeline(settings, sinks=[sink], clients=clients)
+    pipeline.start()
+    try:
+        key = next(f"k{n}" for n in range(1000) if stream.shard_for(item(f"k{n}", 0)) == a)
+        stream.put_item(item(key, 1))
+        wait_until(lambda: a in pipeline.stats.committed, what="a first commit")
+        sink.up.clear()
+        stream.put_item(item(key, 2))
+        stream.roll_over_shard(a)
+        wait_until(lambda: a not in pipeline.scheduler.progress, what="A's reader to retire")
+        wait_until(lambda: "sink gate: writes failing" in _reasons(pipeline), timeout=10, what="health to notice")
+    finally:
+        sink.up.set()
+        pipeline.stop(timeout=2)

@@ -21,6 +21,7 @@ from pipeline.aws import AwsClients
 from pipeline.ops.demo import _item
 from pipeline.runner import Pipeline
 from pipeline.settings import Settings
+from pipeline.state.checkpoint import CheckpointStore, StreamStart
 from pipeline.testing.emulator import EmbeddedAws
 from pipeline.testing.simulated_stream import ManualClock, SimulatedStream, StreamSimulator
 from sinks.base import Sink
@@ -96,6 +97,13 @@ def now_in_the_simulator(clock: ManualClock) -> None:
     clock.advance(max(0.0, time.time() + 1 - clock.now()))
 
 
+def past_the_first_start(clock: ManualClock) -> None:
+    """The first start's moment is the second after its LATEST iterators (by the service's clock): a first run
+    reads everything after its iterators, and every later run what was made from that second on. Changes made
+    from then on are the ones every run must deliver."""
+    clock.advance(2)
+
+
 # -- LATEST ----------------------------------------------------------------------------------------------------
 
 
@@ -109,6 +117,7 @@ def test_latest_after_a_kill_before_the_first_checkpoint_delivers_what_was_read_
     sink = down()
     first = Pipeline(settings, sinks=[sink])
     first.start()
+    time.sleep(1.1)  # past the first start's second (see past_the_first_start)
     for n in range(100, 103):
         dynamodb.put_item(TableName=table, Item=_item(n))
     crash(first, sink)
@@ -136,6 +145,7 @@ def test_latest_with_an_iterator_that_expires_before_anything_was_read_skips_not
     shard = stream.open_shard_ids()[0]
     polls_at_start = len(simulator.calls("GetRecords"))
     wait_until(lambda: len(simulator.calls("GetRecords")) > polls_at_start, what="a first empty poll")
+    past_the_first_start(clock)
     stream.put_item(item("meanwhile", 1))
     clock.advance(16 * 60)  # the reader's iterator, issued at its last poll, is now past its 15 minutes
     wait_until(lambda: len(sink.records) >= 1, what="the change written while the iterator expired")
@@ -159,6 +169,7 @@ def test_latest_after_a_restart_does_not_replay_the_history_of_a_shard_that_had_
 
     first_sink = MemorySink()
     first = start(stream, first_sink, starting_position="LATEST")
+    past_the_first_start(clock)
     stream.put_item(item(busy_keys[0], 2))  # only the busy shard gets a checkpoint
     wait_until(lambda: busy in first.stats.committed, what="a checkpoint on the busy shard")
     assert first.stop() is True
@@ -184,6 +195,7 @@ def test_latest_with_a_split_before_the_first_checkpoint_delivers_the_parents_an
     now_in_the_simulator(clock)
     sink = down()
     first = start(stream, sink, starting_position="LATEST")
+    past_the_first_start(clock)
     for n in range(5):
         stream.put_item(item(f"k{n}", 2))  # read by the first run, never checkpointed
     stream.split_shard()
@@ -217,6 +229,7 @@ def test_the_first_start_is_recorded_and_a_later_configuration_does_not_change_i
 
     sink = MemorySink()
     again = start(stream, sink, starting_position="TRIM_HORIZON")
+    past_the_first_start(clock)
     stream.put_item(item("later", 1))
     wait_until(lambda: len(sink.records) >= 1, what="the new change")
     assert again.stream_start == first.stream_start
@@ -254,3 +267,59 @@ def test_at_timestamp_delivers_changes_from_that_second_on_in_open_and_closed_sh
     assert pipeline.fatal is None
     assert delivered(sink) == sorted((f"k{n}", v) for n in range(4) for v in (2, 3))
     assert pipeline.scheduler.skipped_before_start == 4
+
+
+def test_latest_delivers_a_change_made_while_the_first_start_was_still_starting(
+    simulator: StreamSimulator, clock: ManualClock, start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first start takes its LATEST iterators before it names its moment: a change made at any point after
+    them (here while the moment is being recorded) is read by the first run."""
+    stream = simulator.create_stream("orders", shards=2)
+    stream.put_item(item("history", 1))
+    now_in_the_simulator(clock)
+    record_start = CheckpointStore.record_start
+
+    def while_recording(store: CheckpointStore, moment: StreamStart) -> StreamStart:
+        stream.put_item(item("during-the-start", 1))
+        return record_start(store, moment)
+
+    monkeypatch.setattr(CheckpointStore, "record_start", while_recording)
+    sink = MemorySink()
+    pipeline = start(stream, sink, starting_position="LATEST")
+    stream.put_item(item("right-after", 1))  # the same second: the first run's iterators are exact
+    wait_until(lambda: len(sink.records) >= 2, what="both changes")
+    time.sleep(0.5)
+    assert pipeline.fatal is None
+    assert delivered(sink) == [("during-the-start", 1), ("right-after", 1)]
+
+
+def test_a_first_start_killed_before_its_record_and_a_roll_over_raise_no_false_alarm_later(
+    simulator: StreamSimulator, clock: ManualClock, start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows registered by a first start that never recorded itself are written afresh by the next try: the shard
+    that closed meanwhile is finished (it holds only history), and a day later, when it leaves the stream, it is
+    not reported lost."""
+    stream = simulator.create_stream("orders", shards=1)
+    (parent,) = stream.open_shard_ids()
+    stream.put_item(item("history", 1))
+    now_in_the_simulator(clock)
+
+    def killed(store: CheckpointStore, moment: StreamStart) -> StreamStart:
+        raise RuntimeError("killed between the shards' rows and the first-start record")
+
+    monkeypatch.setattr(CheckpointStore, "record_start", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        start(stream, MemorySink(), starting_position="LATEST")
+    monkeypatch.undo()
+    stream.roll_over_shard(parent)
+    sink = MemorySink()
+    pipeline = start(stream, sink, starting_position="LATEST")
+    assert pipeline.store is not None and pipeline.store.known()[parent].finished
+    past_the_first_start(clock)
+    stream.put_item(item("k", 1))
+    wait_until(lambda: len(sink.records) == 1, what="the child's change")
+    clock.advance(24 * 3600 + 3600)  # the parent leaves the stream
+    stream.put_item(item("k", 2))
+    wait_until(lambda: len(sink.records) == 2, what="the next change")
+    assert pipeline.fatal is None
+    assert pipeline.stats.aged_out_skips == 0

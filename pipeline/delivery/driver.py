@@ -16,6 +16,7 @@ With `on_failure = "block"`, a record that would be dead-lettered stops the pipe
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,6 +43,17 @@ class DeliveryStats:
     filtered: dict[str, int] = field(default_factory=dict)
     """Per sink: records its filter or record_transform chose not to deliver (not failures)."""
     batches: int = 0
+    failing_since: dict[str, float] = field(default_factory=dict)
+    """Per sink: the wall-clock time since which its writes or flushes have kept failing, while they do."""
+    last_error: dict[str, str] = field(default_factory=dict)
+
+    def failed(self, sink: str, error: BaseException) -> None:
+        self.failing_since.setdefault(sink, time.time())
+        self.last_error[sink] = str(error)
+
+    def succeeded(self, sink: str) -> None:
+        self.failing_since.pop(sink, None)
+        self.last_error.pop(sink, None)
 
 
 class _RecordsRetryable(RetryableSinkError):
@@ -104,7 +116,12 @@ class Delivery:
         for sink in self.sinks:
             for attempt in self._retry.retrying(f"flush of sink {sink.name}", stop=tenacity.stop_never):
                 with attempt:
-                    sink.flush()
+                    try:
+                        sink.flush()
+                    except Exception as error:
+                        self.stats.failed(sink.name, error)
+                        raise
+            self.stats.succeeded(sink.name)
 
     def _isolate(self, sink: Sink, batch: Batch) -> list[tuple[ChangeRecord, SinkError]]:
         try:
@@ -137,7 +154,11 @@ class Delivery:
         try:
             for attempt in self._retry.retrying(f"write to sink {sink.name}", stop=give_up):
                 with attempt:
-                    result = sink.write(pending)
+                    try:
+                        result = sink.write(pending)
+                    except Exception as failure:
+                        self.stats.failed(sink.name, failure)
+                        raise
                     again: list[ChangeRecord] = []
                     last: SinkError | None = None
                     answered = 0
@@ -151,9 +172,12 @@ class Delivery:
                             answered += 1
                         else:
                             answered += 1
-                    if again:
+                    if not again:
+                        self.stats.succeeded(sink.name)
+                    else:
                         pending = _subset(again)
                         hint = getattr(last, "retry_after", None)
+                        self.stats.failed(sink.name, last or RetryableSinkError("not taken"))
                         if answered == 0:
                             raise _Unreachable(f"every record of the write failed: {last}", retry_after=hint)
                         record_attempts += 1  # the destination answered for some: limits apply to the rest

@@ -109,10 +109,22 @@ class PipelineMetrics:
                 f"checkpoint table {store.table_name}: commits failing for {now - store.failing_since:.0f}s "
                 f"({store.last_error}); delivery waits until it is back"
             )
+        failing_sinks = dict(pipeline.delivery.stats.failing_since)
+        for sink, since in failing_sinks.items():
+            if now - since > self.stall_seconds:
+                error = pipeline.delivery.stats.last_error.get(sink, "")
+                reasons.append(f"sink {sink}: writes failing for {now - since:.0f}s ({error}); delivery waits for it")
         # A buffering sink holds taken records until its buffer is due: that is not a stall.
         allowance = pipeline.delivery.max_buffer_seconds + pipeline.settings.batch.max_wait_seconds
         committed = dict(pipeline.stats.committed)
         for progress in list(pipeline.scheduler.progress.values()):
+            held = progress.held_since
+            if held is not None and now - held > self.stall_seconds:
+                reasons.append(
+                    f"shard {progress.shard_id}: its reader has waited {now - held:.0f}s at the full queue: "
+                    "delivery is not keeping up"
+                )
+                continue
             last_ok = progress.last_poll_ok_at or started
             if now - last_ok > self.stall_seconds:
                 reasons.append(f"shard {progress.shard_id}: no successful GetRecords for {now - last_ok:.0f}s")
@@ -120,11 +132,11 @@ class PipelineMetrics:
             read = progress.last_sequence_read
             done = committed.get(progress.shard_id)
             behind = read is not None and (done is None or int(done) < int(read))
-            since = self._shard_commit_at.get(progress.shard_id, progress.last_records_at or started)
-            if behind and now - since > self.stall_seconds + allowance:
+            unacked = progress.unacked_since
+            if behind and unacked is not None and now - unacked > self.stall_seconds + allowance:
                 reasons.append(
                     f"shard {progress.shard_id}: records read up to {read} but nothing checkpointed for "
-                    f"{now - since:.0f}s (checkpoint at {done or 'none'})"
+                    f"{now - unacked:.0f}s (checkpoint at {done or 'none'})"
                 )
         return Health(not reasons, tuple(reasons))
 

@@ -11,6 +11,7 @@ Records older than the stream's 24-hour retention are trimmed. Running into that
 
 from __future__ import annotations
 
+import email.utils
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -98,9 +99,10 @@ class ShardReader:
         not_before: float | None = None,
     ) -> None:
         """`not_before` (epoch seconds): records made before it are left out until the first one made at or
-        after it; from then on every record counts. A LATEST start given `not_before` falls back to TRIM_HORIZON
-        with it once its first iterator is spent, so an iterator that expires before anything was read cannot
-        skip what was written meanwhile."""
+        after it; from then on every record counts. Records read through a LATEST iterator are not filtered (the
+        iterator is the exact start); once it is spent with nothing read (it expired), a LATEST reader given
+        `not_before` falls back to TRIM_HORIZON with the filter, so an expiry cannot skip what was written
+        meanwhile."""
         self.shard = shard
         self._stream_arn = stream_arn
         self._streams = streams
@@ -109,14 +111,28 @@ class ShardReader:
         self._limit = limit
         self._on_trimmed_data = on_trimmed_data
         self._not_before = not_before
+        self._filtering = start.kind != "LATEST"
+        self._latest_taken = False
         self.skipped_before_start = 0
         """Records left out because they were made before `not_before`."""
         self._iterator: str | None = None
+        self.service_time: float | None = None
+        """The service's clock (its HTTP Date, whole seconds) when it last issued this reader an iterator."""
         self.last_sequence_read: str | None = start.sequence_number
         self.empty_polls = 0
         self.finished = False
         self.trimmed_skips = 0
         """Times this shard went on from TRIM_HORIZON after records it still needed had been trimmed."""
+
+    def count_from(self, not_before: float) -> None:
+        """Leave out records made before `not_before` (epoch seconds), as the constructor's argument does: for a
+        reader whose LATEST iterator was fixed before the moment it counts from was known."""
+        self._not_before = not_before
+
+    @property
+    def counting_from(self) -> float | None:
+        """The creation time from which records count, while records before it are still being left out."""
+        return self._not_before
 
     @property
     def limit(self) -> int:
@@ -137,19 +153,26 @@ class ShardReader:
         # After records were read, resume after the last one: never re-read what is already queued.
         if self.last_sequence_read is not None:
             return StartPosition.after(self.last_sequence_read)
+        if self.start.kind == "LATEST" and self._latest_taken and self._not_before is not None:
+            # LATEST was a moment, and `not_before` names it: a later iterator must not mean "now" again.
+            return StartPosition("TRIM_HORIZON")
         return self.start
 
     def _acquire(self) -> str:
+        position = self._position()
         try:
-            iterator = self._get_shard_iterator(self._position())
+            iterator = self._get_shard_iterator(position)
         except ClientError as exc:
             if _error_code(exc) != "TrimmedDataAccessException":
                 raise
             self._trimmed(exc)
-            iterator = self._get_shard_iterator(self._position())
-        if self.start.kind == "LATEST" and self._not_before is not None:
-            # LATEST is a moment, and that moment is `not_before`: a later iterator must not mean "now" again.
-            self.start = StartPosition("TRIM_HORIZON")
+            position = self._position()
+            iterator = self._get_shard_iterator(position)
+        if position.kind == "LATEST":
+            self._latest_taken = True
+            self._filtering = False
+        elif position.kind == "TRIM_HORIZON":
+            self._filtering = True
         return iterator
 
     def _get_shard_iterator(self, position: StartPosition) -> str:
@@ -161,6 +184,7 @@ class ShardReader:
         if position.sequence_number is not None:
             request["SequenceNumber"] = position.sequence_number
         response = self._retry.call("GetShardIterator", self._streams.get_shard_iterator, **request)
+        self.service_time = _response_date(response) or self.service_time
         return str(response["ShardIterator"])
 
     def _trimmed(self, exc: ClientError) -> None:
@@ -183,6 +207,20 @@ class ShardReader:
         self.start = StartPosition("TRIM_HORIZON")
         self.last_sequence_read = None
 
+    def _gone(self, exc: ClientError) -> dict[str, Any]:
+        """The shard left the stream (24 hours after it closed: a long outage held this reader that long) before
+        it was read to its end: stop, or say so loudly and treat it as ended, so its children are read."""
+        what = f"shard {self.shard_id} is no longer in the stream (it aged out, 24 hours after it closed)"
+        position = self._position()
+        if self._on_trimmed_data == "fail":
+            raise TrimmedDataError(
+                f"{what} before it was read to its end: records {position} are gone "
+                "(source.on_trimmed_data = 'skip_to_trim_horizon' goes on with its children)"
+            ) from exc
+        self.trimmed_skips += 1
+        log.error("%s before it was read to its end: records %s are lost; going on with its children", what, position)
+        return {"Records": []}  # no NextShardIterator: the end of the shard
+
     def poll(self) -> ShardPage:
         """One GetRecords call. The page after the shard's last is never requested. The reader stays where it
         was until `advance(page)`."""
@@ -194,7 +232,7 @@ class ShardReader:
         at_limit = len(records) >= self.limit or _body_bytes(response) >= AT_CAP_BODY_BYTES
         last_sequence = records[-1]["dynamodb"]["SequenceNumber"] if records else None
         skipped = 0
-        if self._not_before is not None:
+        if self._filtering and self._not_before is not None:
             while skipped < len(records) and _created(records[skipped]) < self._not_before:
                 skipped += 1
             records = records[skipped:]
@@ -229,15 +267,17 @@ class ShardReader:
         it was issued, is replaced (at most twice a poll); any other error is left to the caller."""
         replaced = 0
         while True:
-            if self._iterator is None:
-                self._iterator = self._acquire()
             try:
+                if self._iterator is None:
+                    self._iterator = self._acquire()
                 response: dict[str, Any] = self._retry.call(
                     "GetRecords", self._streams.get_records, ShardIterator=self._iterator, Limit=self._limit
                 )
                 return response
             except ClientError as exc:
                 code = _error_code(exc)
+                if code == "ResourceNotFoundException":
+                    return self._gone(exc)
                 if code not in ("ExpiredIteratorException", "TrimmedDataAccessException"):
                     raise
                 self._iterator = None  # spent either way: the next poll acquires a fresh one if this one fails
@@ -262,6 +302,16 @@ def creation_epoch(value: Any) -> float | None:
     if isinstance(value, int | float):
         return float(value)
     return None
+
+
+def _response_date(response: Mapping[str, Any]) -> float | None:
+    date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    if not date:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(date).timestamp()
+    except (TypeError, ValueError):
+        return None
 
 
 def _body_bytes(response: dict[str, Any]) -> int:

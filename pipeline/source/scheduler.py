@@ -40,6 +40,11 @@ class ShardProgress:
     last_records_at: float | None = None
     last_record_created: float | None = None
     last_sequence_read: str | None = None
+    unacked_since: float | None = None
+    """When records were read that are not checkpointed yet (the oldest such read since the last checkpoint that
+    covered everything read); None while everything read is checkpointed. Set here, cleared by the pipeline."""
+    held_since: float | None = None
+    """When this shard's reader began waiting at the full queue, while it waits: delivery is behind."""
 
     def iterator_age(self, now: float) -> float | None:
         """Now minus the creation time of the newest record read; 0 once a poll came back empty."""
@@ -163,7 +168,11 @@ class PollScheduler:
             try:
                 page = reader.poll()
                 self._note(progress, page)
-                self._deliver(page)
+                progress.held_since = time.time()
+                try:
+                    self._deliver(page)
+                finally:
+                    progress.held_since = None
                 reader.advance(page)  # only once the page is handed on: a failure before leaves it to be read again
                 delay = None if page.end_of_shard else self.next_delay(reader, page)
             except Exception as exc:
@@ -190,6 +199,8 @@ class PollScheduler:
             progress.empty_polls += 1
             return
         last = page.records[-1]["dynamodb"]
+        if progress.unacked_since is None:
+            progress.unacked_since = now
         progress.last_records_at = now
         progress.last_record_created = creation_epoch(last.get("ApproximateCreationDateTime"))
         progress.last_sequence_read = last["SequenceNumber"]

@@ -240,15 +240,18 @@ class CheckpointStore:
 
     # -- writing -----------------------------------------------------------------------------------------------
 
-    def register(self, shards: Iterable[tuple[str, str | None]], finished: Iterable[str] = ()) -> None:
+    def register(
+        self, shards: Iterable[tuple[str, str | None]], finished: Iterable[str] = (), *, overwrite: bool = False
+    ) -> None:
         """Give each (shard id, parent id) without a row one, holding no position yet; `finished` are written
-        as finished (shards a LATEST first start skips)."""
+        as finished (shards a LATEST first start skips). `overwrite` rewrites rows that exist (a first start
+        tried again: its earlier rows hold no position)."""
         done = set(finished)
         known = self.known()
         new = [
             Checkpoint(shard_id, None, shard_id in done, parent_shard_id=parent)
             for shard_id, parent in shards
-            if shard_id not in known
+            if overwrite or shard_id not in known
         ]
         if new:
             self._put(new, forever=False)
@@ -324,6 +327,9 @@ class CheckpointStore:
                         raise
                     pending = response.get("UnprocessedItems", {}).get(self._table, [])
                     if pending:
+                        if self.failing_since is None:
+                            self.failing_since = time.time()
+                        self.last_error = f"{len(pending)} write(s) left unprocessed (throttled)"
                         raise _UnprocessedCheckpoints(f"{len(pending)} checkpoint(s) left unprocessed (throttled)")
         finally:
             if not pending:

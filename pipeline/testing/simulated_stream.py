@@ -1429,7 +1429,7 @@ class StreamSimulator:
             "Content-Length": str(len(body)),
             "x-amzn-RequestId": uuid.uuid4().hex.upper(),
             "x-amz-crc32": str(zlib.crc32(body)),
-            "Date": time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime()),
+            "Date": time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(self.clock.now())),  # the service's clock
         }
         return WireResponse(status, headers, body)
 
