@@ -171,7 +171,7 @@ def source_state() -> str:
 
 def checkpoint_version() -> str:
     """Which checkpoint writer this run measured: its git blob id and the call it writes with."""
-    path = REPOSITORY / "pipeline" / "checkpoint.py"
+    path = REPOSITORY / "pipeline" / "state" / "checkpoint.py"
     text = path.read_text(encoding="utf-8")
     call = "BatchWriteItem" if "batch_write_item" in text else "UpdateItem per shard"
     try:
@@ -404,6 +404,9 @@ class ChildSpec:
     profile: bool = False
     """Sample the delivery and poll threads' stacks (sys._current_frames) every `profile_interval` seconds."""
     profile_interval: float = 0.005
+    tracemalloc_frames: int = 0
+    """Trace Python allocations with this many frames each (0: off), for `PipelineChild.memory` to say where the
+    traced memory grew since its baseline. Costs CPU and memory of its own: for finding a leak, not for figures."""
 
 
 class PipelineChild:
@@ -459,9 +462,18 @@ class PipelineChild:
                 raise RuntimeError(f"the pipeline child exited with {message['code']} before {event!r}")
 
     def request_stop(self) -> None:
+        self._send("stop")
+
+    def memory(self, *options: str, timeout: float = 120.0) -> dict[str, Any]:
+        """What the child's memory is made of now (see `MemoryProbe.report`); options "baseline" (later reports
+        compare with this one) and "trim" (then give free heap back to the OS and read RSS again)."""
+        self._send(" ".join(("memory", *options)))
+        return self.wait_for("memory", timeout)
+
+    def _send(self, command: str) -> None:
         assert self._process is not None and self._process.stdin is not None
         try:
-            self._process.stdin.write("stop\n")
+            self._process.stdin.write(command + "\n")
             self._process.stdin.flush()
         except BrokenPipeError:
             pass
@@ -692,6 +704,97 @@ def _child_sink(spec: ChildSpec) -> Sink | None:
     raise ValueError(f"unknown sink {spec.sink!r}")
 
 
+class MemoryProbe:
+    """What a pipeline child's memory is made of, when the parent asks (`PipelineChild.memory`).
+
+    RSS alone cannot tell a leak from a buffer, from Arrow's pool keeping freed pages, or from free heap that
+    malloc has not given back. So a report holds the counts of what the pipeline keeps per shard, Python's live
+    objects by type (after a collection, so garbage awaiting the collector does not count), pymalloc's blocks,
+    Arrow's own allocations, and, with tracemalloc on, the allocation sites whose traced size grew most since the
+    baseline report. Diagnostic only: a report walks every object and may take a second.
+    """
+
+    def __init__(self, pipeline: Any, sink: ObservedSink, frames: int) -> None:
+        self._pipeline = pipeline
+        self._sink = sink
+        self._baseline: Any = None
+        if frames:
+            import tracemalloc
+
+            tracemalloc.start(frames)
+
+    def report(self, options: Sequence[str]) -> dict[str, Any]:
+        import gc
+        import tracemalloc
+
+        gc.collect()
+        types: collections.Counter[str] = collections.Counter(
+            f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.get_objects()
+        )
+        found: dict[str, Any] = {
+            "rss_kib": proc_status().get("VmRSS"),
+            "allocated_blocks": sys.getallocatedblocks(),
+            "held": self._held(),
+            "types": {name: n for name, n in types.items() if n >= 20},
+        }
+        if "pyarrow" in sys.modules:
+            import pyarrow
+
+            pool = pyarrow.default_memory_pool()
+            found["arrow"] = {
+                "backend": pool.backend_name,
+                "allocated": pool.bytes_allocated(),
+                "max": pool.max_memory(),
+            }
+        if tracemalloc.is_tracing():
+            current, peak = tracemalloc.get_traced_memory()
+            found["traced"] = {"current": current, "peak": peak}
+            snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
+            if "baseline" in options or self._baseline is None:
+                self._baseline = snapshot
+            found["grown"] = [
+                {
+                    "size_diff": stat.size_diff,
+                    "count_diff": stat.count_diff,
+                    "size": stat.size,
+                    "trace": [f"{frame.filename}:{frame.lineno}" for frame in stat.traceback],
+                }
+                for stat in snapshot.compare_to(self._baseline, "traceback")[:30]
+            ]
+        if "trim" in options:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            found["rss_after_trim_kib"] = proc_status().get("VmRSS")
+        return found
+
+    def _held(self) -> dict[str, int | None]:
+        """Sizes of what the pipeline keeps per shard (or per anything): the places a leak would be. Some are
+        internals, read by name: one renamed since shows as None rather than failing the report."""
+        p = self._pipeline
+        inner = self._sink.inner
+
+        def size(owner: Any, name: str) -> int | None:
+            value = getattr(owner, name, None)
+            return None if value is None else len(value() if callable(value) else value)
+
+        return {
+            "lineage shards": size(p.lineage, "shards"),
+            "lineage finished": size(p.lineage, "_finished"),
+            "store known rows": size(p.store, "known"),
+            "reading": size(p, "_reading"),
+            "scheduler active": size(p.scheduler, "active_shard_ids"),
+            "scheduler progress": size(p.scheduler, "progress"),
+            "scheduler heap": size(p.scheduler, "_heap"),
+            "stats committed": size(p.stats, "committed"),
+            "metrics commit times": size(p.metrics, "committed_shards"),
+            "archive parts": size(inner, "_parts"),
+            "archive buffered bytes": getattr(inner, "buffered_bytes", None),
+            "s3fs dircache": size(getattr(inner, "_fs", None), "dircache"),
+            "threads": threading.active_count(),
+        }
+
+
 def _child_main() -> None:
     from pipeline.runner import Pipeline
     from pipeline.settings import load_settings
@@ -701,11 +804,15 @@ def _child_main() -> None:
         os.environ.setdefault(name, value)
     spec = ChildSpec(**json.loads(sys.stdin.readline()))
     stop = threading.Event()
+    requests: queue.Queue[list[str]] = queue.Queue()
 
     def watch_stdin() -> None:
         for line in sys.stdin:
-            if line.strip() == "stop":
+            command = line.split()
+            if command == ["stop"]:
                 break
+            if command[:1] == ["memory"]:
+                requests.put(command[1:])  # answered by the main loop, which owns the pipeline
         stop.set()  # a closed stdin (the parent has gone) stops too
 
     threading.Thread(target=watch_stdin, name="stdin", daemon=True).start()
@@ -727,6 +834,7 @@ def _child_main() -> None:
         if spec.profile
         else None
     )
+    probe = MemoryProbe(pipeline, sink, spec.tracemalloc_frames)
     started_wall = time.time()
     pipeline.start()
     start_seconds = time.time() - started_wall
@@ -757,6 +865,13 @@ def _child_main() -> None:
                 polls=pipeline.scheduler.polls,
                 empty_polls=pipeline.scheduler.empty_polls,
                 cpu_seconds=time.process_time() - cpu_at_start,
+                # What the pipeline holds per shard, for benchmarks that watch it over time (memory_day.py).
+                records_read=pipeline.stats.records_read,
+                checkpoints_written=pipeline.stats.checkpoints_written,
+                shards_finished=pipeline.stats.shards_finished,
+                shards_reading=len(pipeline.scheduler.active_shard_ids()),
+                shards_known=len(pipeline.lineage.shards()),
+                rows_known=None if pipeline.store is None else len(pipeline.store.known()),
             )
         if pipeline.fatal is not None:
             break
@@ -766,6 +881,8 @@ def _child_main() -> None:
             break
         if time.time() - started_wall > spec.max_seconds:
             break
+        while not requests.empty():
+            emit("memory", **probe.report(requests.get()))
         stop.wait(0.05)
 
     # Before stopping: the pipeline's threads are still there to be named.
