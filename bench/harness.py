@@ -787,7 +787,6 @@ class MemoryProbe:
             "scheduler progress": size(p.scheduler, "progress"),
             "scheduler heap": size(p.scheduler, "_heap"),
             "stats committed": size(p.stats, "committed"),
-            "metrics commit times": size(p.metrics, "committed_shards"),
             "archive parts": size(inner, "_parts"),
             "archive buffered bytes": getattr(inner, "buffered_bytes", None),
             "s3fs dircache": size(getattr(inner, "_fs", None), "dircache"),

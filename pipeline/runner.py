@@ -360,7 +360,6 @@ class Pipeline:
             log.info("forgot %d finished shard(s) that aged out of the stream", len(done))
         for shard_id in [s for s in list(self.stats.committed) if s not in listed and s not in self._reading]:
             self.stats.committed.pop(shard_id, None)
-        self.metrics.forget(set(self.metrics.committed_shards()) - listed - self._reading)
 
     # -- readers -----------------------------------------------------------------------------------------
 
@@ -497,7 +496,6 @@ class Pipeline:
         self.store.save(positions, finished, record_times)
         self.stats.checkpoints_written += 1
         self.stats.committed.update(positions)
-        self.metrics.observe_commit(set(positions))
         now = time.time()
         for shard_id, sequence in positions.items():
             progress = self.scheduler.progress.get(shard_id)
@@ -510,7 +508,6 @@ class Pipeline:
             self.stats.shards_finished += len(finished)
             self.lineage.mark_finished(finished)
             self._reading -= finished
-            self.metrics.forget(finished)
             self._discover_now.set()  # children of a finished shard may be read now
 
     # -- stop --------------------------------------------------------------------------------------------

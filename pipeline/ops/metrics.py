@@ -62,7 +62,6 @@ class PipelineMetrics:
             registry=self.registry,
         )
         self.registry.register(_StateCollector(pipeline))
-        self._shard_commit_at: dict[str, float] = {}
 
     def observe_batch(self, batch: Batch, seconds: float) -> None:
         """Called by the delivery thread after every sink took `batch`."""
@@ -71,19 +70,6 @@ class PipelineMetrics:
         now = time.time()
         for record in batch.records:
             self.change_to_sink_seconds.observe(max(0.0, now - record.approximate_creation_time.timestamp()))
-
-    def observe_commit(self, shard_ids: set[str]) -> None:
-        now = time.time()
-        for shard_id in shard_ids:
-            self._shard_commit_at[shard_id] = now
-
-    def committed_shards(self) -> list[str]:
-        return list(self._shard_commit_at)
-
-    def forget(self, shard_ids: set[str]) -> None:
-        """Shards that are finished or gone: nothing about them is reported any more."""
-        for shard_id in shard_ids:
-            self._shard_commit_at.pop(shard_id, None)
 
     def health(self, now: float | None = None) -> Health:
         now = time.time() if now is None else now
