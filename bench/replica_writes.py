@@ -31,6 +31,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -45,7 +46,11 @@ import botocore
 from botocore.exceptions import ClientError
 
 from pipeline.aws import AwsClients
+from pipeline.delivery.dead_letter import JsonlDeadLetters
+from pipeline.delivery.driver import Delivery
 from pipeline.records import Batch, ChangeRecord, change_record_from_stream
+from pipeline.retry import RetryPolicy
+from pipeline.settings import RetrySettings
 from pipeline.testing.emulator import DUMMY_CREDENTIALS
 from sinks.dynamodb_table import (
     NEWER_WINS_CONDITION,
@@ -151,17 +156,27 @@ def naive(client: CountingClient, table: str, batches: list[Batch]) -> None:
 
 
 def per_item(threads: int) -> Strategy:
+    """The sink on `threads` lanes of the delivery driver, as the pipeline runs it (one key per lane)."""
+
     def run(client: CountingClient, table: str, batches: list[Batch]) -> None:
-        settings = DynamoDbTableSinkSettings(type="dynamodb_table", table_name=table, max_concurrency=threads)
+        settings = DynamoDbTableSinkSettings(type="dynamodb_table", table_name=table)
         sink = DynamoDbTableSink(settings, region=REGION, endpoint_url=None, client=client)
         sink.open()
-        try:
-            for batch in batches:
-                result = sink.write(batch)
-                if result.failed:
-                    raise RuntimeError(f"per-item x{threads}: {len(result.failed)} record(s) failed")
-        finally:
-            sink.close()
+        with tempfile.TemporaryDirectory() as scratch:
+            delivery = Delivery(
+                [sink],
+                retry=RetryPolicy(RetrySettings(max_attempts=1)),
+                dead_letters=JsonlDeadLetters(f"{scratch}/dead.jsonl"),
+                concurrency=[threads],
+            )
+            try:
+                for batch in batches:
+                    delivery.deliver(batch)
+                if delivery.stats.dead_lettered:
+                    raise RuntimeError(f"per-item x{threads}: {delivery.stats.dead_lettered} record(s) failed")
+            finally:
+                delivery.stop()
+                sink.close()
 
     return run
 

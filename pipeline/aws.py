@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import threading
 from typing import Any
 
@@ -9,6 +10,13 @@ import boto3
 from botocore.config import Config
 
 from pipeline.wire import install_fast_get_records
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("streamsink")
+    except importlib.metadata.PackageNotFoundError:
+        return "dev"
 
 
 class AwsClients:
@@ -35,6 +43,11 @@ class AwsClients:
             connect_timeout=5,
             read_timeout=30,
             max_pool_connections=max_pool_connections,
+            # CPU per call is what bounds a sink once calls overlap (a replica makes one call per item). botocore
+            # builds its User-Agent afresh for every request unless it is given one (about a quarter of a small
+            # call's CPU), and it validates every request against the model, which the service does anyway.
+            user_agent=f"streamsink/{_version()}",
+            parameter_validation=False,
         )
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, str, str | None], Any] = {}

@@ -20,6 +20,10 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
+class ShutdownInterruptedError(Exception):
+    """A retry wait was cut short because the pipeline is being stopped: the work is left for the next run."""
+
+
 class _BackoffWithHint(tenacity.wait.wait_base):
     """Exponential back-off with full jitter, never shorter than a server's retry-after hint."""
 

@@ -15,6 +15,7 @@ import math
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,7 +27,7 @@ from pipeline.delivery.feed import SinkFeed
 from pipeline.delivery.filters import compile_filter
 from pipeline.ops.metrics import MetricsServer, PipelineMetrics
 from pipeline.ops.view import PipelineStats
-from pipeline.retry import RetryPolicy
+from pipeline.retry import RetryPolicy, ShutdownInterruptedError
 from pipeline.settings import Settings
 from pipeline.source.reader import ShardPage, ShardReader, StartPosition, TrimmedDataError
 from pipeline.source.scheduler import PollScheduler
@@ -43,10 +44,6 @@ from sinks.base import Sink, SinkError
 from sinks.registry import build_sink
 
 log = logging.getLogger(__name__)
-
-
-class ShutdownInterruptedError(Exception):
-    """A retry wait was cut short because the pipeline is being stopped."""
 
 
 class StreamChangedError(Exception):
@@ -100,6 +97,9 @@ class Pipeline:
             on_failure=settings.dead_letter.on_failure,
             # Sinks passed in directly are not built from settings.sinks, so their entries' filters do not apply.
             feeds=None if sinks is not None else [SinkFeed.of(s) for s in settings.sinks],
+            concurrency=None if sinks is not None else [s.max_concurrency for s in settings.sinks],
+            max_records_in_flight=settings.delivery.max_records_in_flight,
+            max_bytes_in_flight=settings.delivery.max_bytes_in_flight,
         )
         self.record_filter = compile_filter(settings.filter)
         self.scheduler = PollScheduler(
@@ -445,10 +445,11 @@ class Pipeline:
     # -- delivery ----------------------------------------------------------------------------------------
 
     def _deliver_loop(self) -> None:
+        """Pages -> batches -> every sink at once, several batches in flight; checkpoints follow the prefix of
+        batches every sink has taken, committed as it becomes durable (a process that never lives through a
+        whole page, an OOM loop or a strict liveness probe, still moves forward batch by batch)."""
         assert self._assembler is not None
-        positions: dict[str, str] = {}
-        record_times: dict[str, datetime] = {}
-        finished: set[str] = set()
+        progress = _Uncommitted()
         try:
             while not self._hard_stop.is_set():  # past the shutdown timeout: leave the rest to the next run
                 wait = min(self._assembler.seconds_until_due(), 0.2)
@@ -465,50 +466,57 @@ class Pipeline:
                 for item in closed:
                     admitted = self.record_filter.select(item.batch)
                     self.stats.filtered += len(item.batch) - len(admitted)
-                    started = time.monotonic()
-                    self.delivery.deliver(admitted)
-                    self.metrics.observe_batch(admitted, time.monotonic() - started)
-                    self.stats.events.update(r.event_name for r in item.batch.records)
-                    positions.update(item.positions)
-                    record_times.update((r.shard_id, r.approximate_creation_time) for r in item.batch.records)
-                    finished |= item.finished_shards
-                    # Commit what is durable as it becomes durable: a process that never lives through a whole
-                    # page (an OOM loop, a strict liveness probe) still moves forward batch by batch.
-                    if self._commit_due(positions, finished, drained):
-                        self._commit(positions, finished, record_times)
-                        positions, finished, record_times = {}, set(), {}
-                if self._commit_due(positions, finished, drained):
-                    self._commit(positions, finished, record_times)
-                    positions, finished, record_times = {}, set(), {}
-                if drained and self.queue.depth[0] == 0:
+                    while self.delivery.submit(admitted, item, timeout=0.2) is None:  # the window is full
+                        if self._hard_stop.is_set():
+                            return
+                        self._take_done(progress, drained)
+                self._take_done(progress, drained)
+                if drained and self.queue.depth[0] == 0 and self.delivery.in_flight == 0:
+                    if progress.any:
+                        self._commit(progress)
                     return
         except Exception as exc:
             self._fail(exc)
+            self.delivery.stop()
             self.queue.close()  # nobody drains it any more: release readers waiting to put
 
-    def _commit_due(self, positions: dict[str, str], finished: set[str], drained: bool) -> bool:
-        return bool(positions or finished) and (drained or bool(finished) or self.delivery.flush_due(time.monotonic()))
+    def _take_done(self, progress: _Uncommitted, drained: bool) -> None:
+        """Fold in the batches every sink has taken, in order, and commit when it is due."""
+        for ticket in self.delivery.done():
+            item: ClosedBatch = ticket.context
+            self.metrics.observe_batch(ticket.batch, ticket.seconds)
+            self.stats.events.update(r.event_name for r in item.batch.records)
+            progress.add(item)
+            if self._commit_due(progress, drained):
+                self._commit(progress)
+        if self._commit_due(progress, drained):
+            self._commit(progress)
 
-    def _commit(self, positions: dict[str, str], finished: set[str], record_times: dict[str, datetime]) -> None:
+    def _commit_due(self, progress: _Uncommitted, drained: bool) -> bool:
+        return progress.any and (drained or bool(progress.finished) or self.delivery.flush_due(time.monotonic()))
+
+    def _commit(self, progress: _Uncommitted) -> None:
         """Everything delivered so far becomes durable in every sink, then the checkpoint records it."""
         assert self.store is not None
+        positions, finished = progress.positions, progress.finished
         self.delivery.flush()
-        self.store.save(positions, finished, record_times)
+        self.store.save(positions, finished, progress.record_times)
         self.stats.checkpoints_written += 1
         self.stats.committed.update(positions)
         now = time.time()
         for shard_id, sequence in positions.items():
-            progress = self.scheduler.progress.get(shard_id)
-            if progress is None:
+            progress_of = self.scheduler.progress.get(shard_id)
+            if progress_of is None:
                 continue
-            read = progress.last_sequence_read
+            read = progress_of.last_sequence_read
             # Everything read is checkpointed, or progress was made and what is left was read after this moment.
-            progress.unacked_since = None if read is None or int(sequence) >= int(read) else now
+            progress_of.unacked_since = None if read is None or int(sequence) >= int(read) else now
         if finished:
             self.stats.shards_finished += len(finished)
             self.lineage.mark_finished(finished)
             self._reading -= finished
             self._discover_now.set()  # children of a finished shard may be read now
+        progress.clear()
 
     # -- stop --------------------------------------------------------------------------------------------
 
@@ -556,7 +564,9 @@ class Pipeline:
         if self._discovery_thread is not None:
             self._discovery_thread.join(5.0)
         delivering = self._delivery_thread is not None and self._delivery_thread.is_alive()
-        for sink in self.sinks if not delivering else ():  # a sink is never called from two threads at once
+        self.delivery.stop()
+        delivering = delivering or self.delivery.busy
+        for sink in self.sinks if not delivering else ():  # never closed while a lane may still write to it
             try:
                 sink.close()
             except Exception as exc:
@@ -564,6 +574,27 @@ class Pipeline:
         if self.metrics_server is not None:
             self.metrics_server.stop()
         return clean and self.fatal is None
+
+
+@dataclass
+class _Uncommitted:
+    """What the batches every sink has taken moved the checkpoint to, since the last commit."""
+
+    positions: dict[str, str] = field(default_factory=dict)
+    finished: set[str] = field(default_factory=set)
+    record_times: dict[str, datetime] = field(default_factory=dict)
+
+    @property
+    def any(self) -> bool:
+        return bool(self.positions or self.finished)
+
+    def add(self, item: ClosedBatch) -> None:
+        self.positions.update(item.positions)
+        self.record_times.update((r.shard_id, r.approximate_creation_time) for r in item.batch.records)
+        self.finished |= item.finished_shards
+
+    def clear(self) -> None:
+        self.positions, self.finished, self.record_times = {}, set(), {}
 
 
 def _since(settings: Settings) -> int | None:

@@ -101,6 +101,20 @@ class BatchSettings(BaseModel):
     queue_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="Bytes, likewise.")
 
 
+class DeliverySettings(BaseModel):
+    """`[delivery]`: how much may be in flight to the sinks at once."""
+
+    model_config = _FROZEN
+
+    max_records_in_flight: int = Field(
+        default=20_000,
+        ge=1,
+        description="Records handed to the sinks and not yet taken by all of them; past this, batches wait (and "
+        "behind them the queue and the readers), so memory stays flat however slow a sink is.",
+    )
+    max_bytes_in_flight: int = Field(default=64 * 1024 * 1024, ge=1024, description="Bytes, likewise.")
+
+
 class ReaderSettings(BaseModel):
     """`[reader]`: how shards are polled."""
 
@@ -227,6 +241,7 @@ class Settings(BaseSettings):
     source: SourceSettings
     checkpoint: CheckpointSettings = CheckpointSettings()
     batch: BatchSettings = BatchSettings()
+    delivery: DeliverySettings = DeliverySettings()
     reader: ReaderSettings = ReaderSettings()
     retry: RetrySettings = RetrySettings()
     dead_letter: DeadLetterSettings = DeadLetterSettings()

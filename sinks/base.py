@@ -1,19 +1,23 @@
 """The sink contract: what every destination implements, and what the pipeline promises in return.
 
-Who calls what, and when (all calls come from the pipeline's single delivery thread, never concurrently):
+Who calls what, and when:
 
 - `open()` once, before the first write. Create clients, check the destination exists. Raising here stops
   start-up with the error shown to the operator.
-- `write(batch)` once per batch, in stream order per shard. Return a `WriteResult`: records not named in
-  `failed` are *taken*, meaning durably written, or buffered by the sink and made durable by the next `flush()`.
-  Report per-record refusals in `failed` instead of raising, so only those records are retried. Raising a
-  `RetryableSinkError` or `PermanentSinkError` means the whole batch failed.
+- `write(batch)` once per part of a batch, from up to `max_concurrency` lanes at once (threads; see
+  `pipeline.delivery.lanes`). With `ordering = "key"` an item's records always come from the same lane, in stream
+  order, and the next part of a lane comes only after the previous one is written; with `"any"` records of one
+  item may be written concurrently. Return a `WriteResult`: records not named in `failed` are *taken*, meaning
+  durably written, or buffered by the sink and made durable by the next `flush()`. Report per-record refusals in
+  `failed` instead of raising, so only those records are retried. Raising a `RetryableSinkError` or
+  `PermanentSinkError` means the whole part failed.
 - `flush_due(now)` after each write: may the pipeline flush and checkpoint now? A sink that buffers (the
   Parquet archive) answers True when its buffer is big or old enough; sinks that write through answer True.
   `buffer_full()`: the buffer is past its byte limit, so it must be flushed now whatever the other sinks say.
   `max_buffer_seconds`: the longest a taken record may wait for a flush (health allows for it).
-- `flush()` before every checkpoint: make everything taken so far durable. If it raises, the checkpoint is not
-  written and the pipeline retries the flush.
+- `flush()` before every checkpoint, from the pipeline's delivery thread, possibly while lanes are writing: make
+  everything taken so far durable (a sink that buffers guards its buffer with a lock). If it raises, the
+  checkpoint is not written and the pipeline retries the flush.
 - `close()` once at shutdown, after the final flush.
 
 Sinks know nothing of queues, batching, retries or checkpoints; the pipeline owns all of those. Constructors do
@@ -25,6 +29,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -95,6 +100,16 @@ class Sink(ABC):
     @abstractmethod
     def write(self, batch: Batch) -> WriteResult:
         """Take a batch; report refused records in the result."""
+
+    ordering: Literal["key", "any"] = "key"
+    """"key": an item's records in stream order, on one lane (a FIFO destination, a replica). "any": no order
+    between records (a standard queue or topic), so records are spread evenly over the lanes."""
+    default_concurrency: int = 1
+    """Lanes (calls in flight) when the config does not say; enough to hide a 20-50 ms round trip."""
+    concurrency_limit: int | None = None
+    """The most lanes this sink can take (the archive keeps one buffer in stream order: 1)."""
+    call_size: int = 1
+    """Records per call to the destination, so that "any" lanes get whole calls."""
 
     def flush_due(self, now: float) -> bool:
         """True when the pipeline may flush and checkpoint now (`now` is `time.monotonic()`)."""

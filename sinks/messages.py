@@ -266,10 +266,16 @@ class MessageSink(Sink, Generic[SettingsT]):
     """The boto3 service name, also the sink's name unless the config gives one."""
     kind: str
     """What the destination is called in errors and logs: 'SQS queue', 'SNS topic'."""
+    default_concurrency = 32
+    """Ten messages a call: 32 calls in flight carry about 16,000 a second at a 20 ms round trip (6,400 at 50 ms),
+    more than one process's CPU builds, so the round trip is hidden."""
+    call_size = MAX_BATCH_ENTRIES
 
     def __init__(self, settings: SettingsT, *, region: str, endpoint_url: str | None, client: Any = None) -> None:
         super().__init__(settings.name or self.service)
         self.settings = settings
+        # A FIFO destination keeps each item's changes in order; a standard one promises no order at all.
+        self.ordering = "key" if settings.fifo else "any"
         self.destination = f"{self.kind} {settings.address}"
         self._region = region
         self._endpoint_url = endpoint_url
@@ -281,7 +287,7 @@ class MessageSink(Sink, Generic[SettingsT]):
 
     def open(self) -> None:
         if self._client is None:
-            self._client = AwsClients(self._region, self._endpoint_url).client(self.service)
+            self._client = AwsClients(self._region, self._endpoint_url, max_pool_connections=256).client(self.service)
         with mapped_errors(self.destination):
             self._check_destination()
 

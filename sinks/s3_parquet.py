@@ -17,6 +17,7 @@ from GetRecords bytes to Parquet bytes it costs about five times the CPU of `dyn
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -59,9 +60,6 @@ ARCHIVE_SCHEMA = pa.schema(
 
 ImageEncoding = Literal["json", "dynamodb_json"]
 
-# Objects a flush uploads at once: one per (hour, shard) with records, so a flush after a busy minute on many
-# shards is many objects, each a round trip or several.
-UPLOAD_THREADS = 8
 _HOUR = timedelta(hours=1)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -84,6 +82,13 @@ class S3ParquetSinkSettings(SinkSettings):
     )
     buffer_max_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024)
     buffer_max_seconds: float = Field(default=60.0, ge=0.0, le=900.0)
+    upload_concurrency: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="Objects a flush uploads at once: one per (hour, shard) with rows, so a flush after a busy "
+        "minute on many shards is many objects, each a round trip or more.",
+    )
 
     @field_validator("prefix")
     @classmethod
@@ -193,6 +198,10 @@ class _PartBuffer:
 
 
 class S3ParquetSink(Sink):
+    concurrency_limit = 1
+    """Rows are buffered per (hour, shard) in stream order, and objects are named by their first and last sequence
+    numbers: one lane writes. A flush uploads up to `upload_concurrency` objects at once."""
+
     def __init__(
         self,
         settings: S3ParquetSinkSettings,
@@ -212,6 +221,7 @@ class S3ParquetSink(Sink):
         self._uploads: ThreadPoolExecutor | None = None
         self.objects_written = 0
         self.last_object: str | None = None
+        self._lock = threading.Lock()
 
     def open(self) -> None:
         if self._fs is None:
@@ -264,17 +274,20 @@ class S3ParquetSink(Sink):
             if not records:
                 return WriteResult(failed=unnamable)
         table = archive_table(records, self._settings.image_encoding)
-        for key, runs in _runs_by_part(records).items():
-            part = self._parts.setdefault(key, _PartBuffer())
-            # Slices share the batch table's buffers: buffering a run copies nothing. (So after a flush that wrote
-            # only some parts, the parts left can hold more memory than buffered_bytes counts, until they are written.)
-            slices = [table.slice(start, end - start) for start, end in runs]
-            part.tables.extend(slices)
-            part.first_sequence = part.first_sequence or records[runs[0][0]].sequence_number
-            part.last_sequence = records[runs[-1][1] - 1].sequence_number
-            self._buffered_bytes += sum(rows.nbytes for rows in slices)
-        if self._oldest is None:
-            self._oldest = time.monotonic()
+        runs_by_part = _runs_by_part(records)
+        with self._lock:  # the rows are built outside it; a flush waits only for them to be buffered
+            for key, runs in runs_by_part.items():
+                part = self._parts.setdefault(key, _PartBuffer())
+                # Slices share the batch table's buffers: buffering a run copies nothing. (So after a flush that
+                # wrote only some parts, the parts left can hold more memory than buffered_bytes counts, until
+                # they are written.)
+                slices = [table.slice(start, end - start) for start, end in runs]
+                part.tables.extend(slices)
+                part.first_sequence = part.first_sequence or records[runs[0][0]].sequence_number
+                part.last_sequence = records[runs[-1][1] - 1].sequence_number
+                self._buffered_bytes += sum(rows.nbytes for rows in slices)
+            if self._oldest is None:
+                self._oldest = time.monotonic()
         return WriteResult(failed=unnamable)
 
     def flush_due(self, now: float) -> bool:
@@ -291,12 +304,18 @@ class S3ParquetSink(Sink):
 
     def flush(self) -> None:
         """Write every buffered part, several at once; each part is forgotten once written, so a retry after a
-        failure writes only what is left."""
+        failure writes only what is left. Called while the lane may be writing: the buffer is locked meanwhile."""
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
         if not self._parts:
             self._oldest = None
             return
         if self._uploads is None:
-            self._uploads = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix=f"{self.name}-upload")
+            self._uploads = ThreadPoolExecutor(
+                self._settings.upload_concurrency, thread_name_prefix=f"{self.name}-upload"
+            )
         pending = [(key, self._uploads.submit(self._upload, key, part)) for key, part in self._parts.items()]
         errors: list[BaseException] = []
         for key, future in pending:  # in buffer order, whichever finished first

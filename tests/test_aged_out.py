@@ -176,6 +176,7 @@ def test_an_outage_outlasting_a_parents_retention_applies_on_trimmed_data_to_it(
     settings = make_settings(
         source={"table_name": None, "stream_arn": stream.arn, "on_trimmed_data": on_trimmed_data},
         batch={"max_records": 5, "queue_capacity": 5, "max_wait_seconds": 0.05},
+        delivery={"max_records_in_flight": 5},
         reader={"get_records_limit": 5},
     )
     clients = AwsClients(aws.region, aws.endpoint_url)

@@ -102,7 +102,10 @@ def test_a_process_killed_faster_than_it_delivers_a_page_still_moves_forward_eve
             "reader": {"idle_poll_min_seconds": 0.05, "idle_poll_max_seconds": 0.2},
             "runtime": {"log_format": "text"},
             "dead_letter": {"path": str(tmp_path / "dead-letters.jsonl")},
-            "sinks": [{"type": "sqs", "queue_url": queue_url, "endpoint_url": proxy.endpoint_url}],
+            # One call at a time: a page takes longer than a life (with the default 32 it would not).
+            "sinks": [
+                {"type": "sqs", "queue_url": queue_url, "endpoint_url": proxy.endpoint_url, "max_concurrency": 1}
+            ],
         },
     )
 

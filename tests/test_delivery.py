@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,6 +15,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeou
 
 from pipeline.delivery.dead_letter import JsonlDeadLetters
 from pipeline.delivery.driver import Delivery, DeliveryBlockedError
+from pipeline.delivery.lanes import lane_of
 from pipeline.errors import is_retryable
 from pipeline.records import Batch, ChangeRecord
 from pipeline.retry import RetryPolicy
@@ -435,3 +438,39 @@ def test_sink_errors_and_others() -> None:
     assert is_retryable(RetryableSinkError("throttled", retry_after=1.0))
     assert not is_retryable(PermanentSinkError("too large"))
     assert not is_retryable(ValueError("bug"))
+
+
+class GatedByKey(Sink):
+    """Takes records at once, except those of item `slow`, which wait until `release` is set."""
+
+    def __init__(self, slow: str) -> None:
+        super().__init__("gated")
+        self._slow = slow
+        self.release = threading.Event()
+        self.fast_written = threading.Event()
+
+    def write(self, batch: Batch) -> WriteResult:
+        if any(r.keys["pk"] == self._slow for r in batch.records):
+            self.release.wait(10)
+        else:
+            self.fast_written.set()
+        return WriteResult()
+
+
+def test_a_batch_is_done_only_when_every_lane_has_written_its_part(dead_letters: JsonlDeadLetters) -> None:
+    """A part may be written before the next part is even handed out; the batch must still wait for all."""
+    records = _records(8)
+    lanes = 4
+    slow = next(r for r in records if lane_of(r, lanes) != lane_of(records[0], lanes)).keys["pk"]
+    sink = GatedByKey(slow)
+    delivery = _delivery([sink], dead_letters, concurrency=[lanes])
+    ticket = delivery.submit(_batch(records))
+    assert ticket is not None
+    assert sink.fast_written.wait(5)
+    time.sleep(0.05)
+    assert not ticket.done and delivery.done() == []
+    sink.release.set()
+    deadline = time.monotonic() + 5
+    while not ticket.done and time.monotonic() < deadline:
+        delivery.wait_done(0.1)
+    assert delivery.done() == [ticket]

@@ -55,10 +55,16 @@ def proxy(aws: EmbeddedAws) -> Iterator[FaultProxy]:
 @pytest.fixture
 def output() -> Iterator[io.StringIO]:
     """Everything the pipeline logs, as `streamsink run` sets logging up, at DEBUG."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     buffer = io.StringIO()
     configure_logging("DEBUG", "json", buffer)
     yield buffer
-    logging.basicConfig(level=logging.WARNING, force=True)
+    for handler in root.handlers:
+        root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
 
 
 def _replica(dynamodb: Any) -> str:

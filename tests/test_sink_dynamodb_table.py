@@ -238,7 +238,7 @@ def test_replayed_duplicated_and_late_changes_leave_the_replica_equal_to_the_sou
     _churn(dynamodb, table)
     changes = _changes(aws, table)
     source = _scan(dynamodb, table)
-    sink = make_sink(replica, max_concurrency=4)
+    sink = make_sink(replica)
 
     assert sink.write(_batch(changes)).ok
     assert _scan(dynamodb, replica) == source
@@ -576,7 +576,7 @@ def test_permanent_client_errors_are_failed_per_record_not_retried(
 
 
 def test_one_keys_changes_are_applied_in_order_and_never_concurrently(
-    dynamodb: Any, replica: str, make_sink: Callable[..., DynamoDbTableSink]
+    dynamodb: Any, replica: str, make_sink: Callable[..., DynamoDbTableSink], tmp_path: Path
 ) -> None:
     records = [
         change_record(
@@ -615,8 +615,11 @@ def test_one_keys_changes_are_applied_in_order_and_never_concurrently(
             watch(operation, params)
         return None
 
-    sink = make_sink(replica, client=FaultyClient(dynamodb, fault), max_concurrency=6)
-    assert sink.write(_batch(list(reversed(records)))).ok
+    sink = make_sink(replica, client=FaultyClient(dynamodb, fault))
+    dead_letters = JsonlDeadLetters(tmp_path / "dead.jsonl")
+    delivery = Delivery([sink], retry=_NO_WAIT, dead_letters=dead_letters, concurrency=[6])
+    delivery.deliver(_batch(list(reversed(records))))  # six lanes: different keys at once, one key on one lane
+    assert delivery.stats.dead_lettered == {}
 
     assert overlaps == []
     assert most_in_flight > 1  # different keys did run at once

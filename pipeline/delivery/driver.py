@@ -1,67 +1,98 @@
-"""Hands each batch to every sink, retrying and isolating failures, so a checkpoint can follow.
+"""Hands each batch to every sink at once, keeps several batches in flight, and says which are done, so that a
+checkpoint can follow.
 
-Three failure shapes, three answers:
-- the destination is down: the whole write fails with a retryable error, or every record of it comes back
-  retryable (a replica whose every PutItem timed out). Retry, with back-off, for as long as the outage lasts (or
-  until the batch's oldest record is `retry.max_record_age_seconds` old). Nothing is dead-lettered and nothing
-  skipped; the queue fills, readers wait, lag grows.
-- some records come back retryable while the destination took others in the same write (throttled entries):
-  retry only those; an attempt in which the destination took some of the write counts towards
-  `retry.max_attempts` for the rest, after which they are dead-lettered.
-- a permanent error: bisect the batch (as Lambda's BisectBatchOnFunctionError does) until the records that fail
-  are isolated; deliver the rest, dead-letter those.
-With `on_failure = "block"`, a record that would be dead-lettered stops the pipeline instead.
+A batch goes to every sink's lanes (`pipeline.delivery.lanes`) as soon as it closes; the sinks write it in
+parallel, and each sink several calls at a time. Batches complete out of order (one sink is slower, one lane has a
+hot item), but they are handed back in the order they were submitted: a shard's checkpoint is the end of the
+longest prefix of batches that every sink has taken (or dead-lettered), so the checkpoint never passes a record
+some sink still lacks. How much is in flight is bounded (`delivery.max_records_in_flight`, `max_bytes_in_flight`):
+when the window is full, `submit` waits, the queue in front of it fills and the readers wait, so memory stays flat
+however slow a sink is.
 """
 
 from __future__ import annotations
 
-import logging
+import collections
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from typing import Any
 
 import tenacity
 
 from pipeline.delivery.dead_letter import DeadLetters, WithheldImagesError
 from pipeline.delivery.feed import SinkFeed
+from pipeline.delivery.lanes import SinkLanes
+from pipeline.delivery.writer import DeliveryBlockedError, DeliveryStats, SinkWriter
 from pipeline.records import Batch, ChangeRecord
 from pipeline.retry import RetryPolicy
-from sinks.base import PermanentSinkError, RetryableSinkError, Sink, SinkError
+from sinks.base import Sink, SinkError
 
-log = logging.getLogger(__name__)
-
-
-class DeliveryBlockedError(Exception):
-    """A sink refused a record and the pipeline is configured to stop rather than skip it."""
+__all__ = ["Delivery", "DeliveryBlockedError", "DeliveryStats", "Ticket"]
 
 
-@dataclass
-class DeliveryStats:
-    delivered: dict[str, int] = field(default_factory=dict)
-    dead_lettered: dict[str, int] = field(default_factory=dict)
-    filtered: dict[str, int] = field(default_factory=dict)
-    """Per sink: records its filter or record_transform chose not to deliver (not failures)."""
-    batches: int = 0
-    failing_since: dict[str, float] = field(default_factory=dict)
-    """Per sink: the wall-clock time since which its writes or flushes have kept failing, while they do."""
-    last_error: dict[str, str] = field(default_factory=dict)
+@dataclass(eq=False)
+class Ticket:
+    """One batch in flight: done once every part of it, in every sink, is written."""
 
-    def failed(self, sink: str, error: BaseException) -> None:
-        self.failing_since.setdefault(sink, time.time())
-        self.last_error[sink] = str(error)
+    batch: Batch
+    context: Any
+    """What the caller attached (the runner: the positions the batch moves the checkpoint to)."""
+    submitted_at: float = field(default_factory=time.monotonic)
+    done_at: float | None = None
+    _left: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def succeeded(self, sink: str) -> None:
-        self.failing_since.pop(sink, None)
-        self.last_error.pop(sink, None)
+    @property
+    def done(self) -> bool:
+        return self.done_at is not None
+
+    @property
+    def seconds(self) -> float:
+        """From submission to every sink having taken the batch."""
+        return (self.done_at or time.monotonic()) - self.submitted_at
+
+    def expect(self, parts: int) -> None:
+        with self._lock:
+            self._left += parts
 
 
-class _RecordsRetryable(RetryableSinkError):
-    """Some records of a write came back retryable while others were taken; only they are written again."""
+class _Window:
+    """How much is in flight, in records and bytes; a batch larger than the whole window fits into an empty one."""
 
+    def __init__(self, max_records: int, max_bytes: int) -> None:
+        self._max_records = max_records
+        self._max_bytes = max_bytes
+        self._records = 0
+        self._bytes = 0
+        self._cond = threading.Condition()
 
-class _Unreachable(RetryableSinkError):
-    """Every record of a write came back retryable: the destination is down, whatever it said per record."""
+    def acquire(self, records: int, size: int, timeout: float | None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: (
+                    self._records == 0
+                    or (self._records + records <= self._max_records and self._bytes + size <= self._max_bytes)
+                ),
+                timeout,
+            ) and self._take(records, size)
+
+    def _take(self, records: int, size: int) -> bool:
+        self._records += records
+        self._bytes += size
+        return True
+
+    def release(self, records: int, size: int) -> None:
+        with self._cond:
+            self._records -= records
+            self._bytes -= size
+            self._cond.notify_all()
+
+    @property
+    def depth(self) -> tuple[int, int]:
+        with self._cond:
+            return self._records, self._bytes
 
 
 class Delivery:
@@ -73,33 +104,113 @@ class Delivery:
         dead_letters: DeadLetters,
         on_failure: str = "dead_letter",
         feeds: Sequence[SinkFeed] | None = None,
+        concurrency: Sequence[int | None] | None = None,
+        max_records_in_flight: int = 20_000,
+        max_bytes_in_flight: int = 64 * 1024 * 1024,
     ) -> None:
         self.sinks = list(sinks)
         self._feeds = list(feeds) if feeds is not None else [SinkFeed()] * len(self.sinks)
         self._retry = retry
-        self._dead_letters = dead_letters
         self._on_failure = on_failure
         self.stats = DeliveryStats()
+        self.error: BaseException | None = None
+        self._window = _Window(max_records_in_flight, max_bytes_in_flight)
+        self._tickets: collections.deque[Ticket] = collections.deque()
+        self._tickets_lock = threading.Lock()
+        self._completed = threading.Condition()
+        chosen = list(concurrency) if concurrency is not None else [None] * len(self.sinks)
+        self._writers = [
+            SinkWriter(sink, retry=retry, dead_letters=dead_letters, on_failure=on_failure, stats=self.stats)
+            for sink in self.sinks
+        ]
+        self.lanes = [
+            SinkLanes(writer, concurrency=wanted or writer.sink.default_concurrency, on_error=self._lane_failed)
+            for writer, wanted in zip(self._writers, chosen, strict=True)
+        ]
+
+    # -- in flight ------------------------------------------------------------------------------------------
+
+    def submit(self, batch: Batch, context: Any = None, timeout: float | None = None) -> Ticket | None:
+        """Hand `batch` to every sink; None when the in-flight window stayed full for `timeout` seconds.
+
+        Each sink's filter, record_transform and projection run here, on the caller's thread; a record_transform
+        refusal is dead-lettered here too (or, in block mode, raised before any of the batch is written)."""
+        self._raise_lane_error()
+        if not self._window.acquire(len(batch), batch.size_bytes, timeout):
+            return None
+        ticket = Ticket(batch, context)
+        with self._tickets_lock:
+            self._tickets.append(ticket)
+        prepared: list[tuple[SinkLanes, Batch]] = []
+        try:
+            for writer, lanes, feed in zip(self._writers, self.lanes, self._feeds, strict=True):
+                given = feed.prepare(batch) if batch.records else None
+                if given is None:
+                    continue
+                self.stats.add(self.stats.filtered, writer.sink.name, given.filtered)
+                self.stats.add(self.stats.delivered, writer.sink.name, 0)
+                if given.failed:
+                    untransformable: list[tuple[ChangeRecord, SinkError]] = [
+                        (record, WithheldImagesError(f"sink {writer.sink.name}: {error}"))
+                        for record, error in given.failed
+                    ]
+                    writer.refuse(untransformable)  # block mode raises before any later change is written
+                prepared.append((lanes, given.batch))
+        except BaseException:
+            self._abandon(ticket)
+            raise
+        ticket.expect(1)  # held while parts are handed out, so that the ticket cannot complete before they all are
+        for lanes, given_batch in prepared:
+            lanes.submit(given_batch, ticket.expect, lambda: self._part_done(ticket))
+        if batch.records:
+            self.stats.batches += 1
+        self._part_done(ticket)
+        return ticket
+
+    def done(self) -> list[Ticket]:
+        """Tickets done, in submission order, from the oldest on: the prefix every sink has taken."""
+        self._raise_lane_error()
+        finished: list[Ticket] = []
+        with self._tickets_lock:
+            while self._tickets and self._tickets[0].done:
+                finished.append(self._tickets.popleft())
+        return finished
+
+    def wait_done(self, timeout: float) -> None:
+        """Wait until the oldest ticket in flight is done, or `timeout` passes."""
+        with self._completed:
+            self._completed.wait_for(lambda: self._head_done() or self.error is not None, timeout)
 
     def deliver(self, batch: Batch) -> None:
-        """Return once every sink has taken every record of `batch` or it has been dead-lettered."""
-        if not batch.records:
-            return
-        for sink, feed in zip(self.sinks, self._feeds, strict=True):
-            given = feed.prepare(batch)  # the sink's filter, record_transform and projection
-            self.stats.filtered[sink.name] = self.stats.filtered.get(sink.name, 0) + given.filtered
-            untransformable: list[tuple[ChangeRecord, SinkError]] = [
-                (record, WithheldImagesError(f"sink {sink.name}: {error}")) for record, error in given.failed
-            ]
-            if untransformable and self._on_failure == "block":
-                self._refuse(sink, untransformable)  # before any later change of the same item is written
-            refused = self._isolate(sink, given.batch) if given.batch.records else []
-            taken = len(given.batch) - len(refused)
-            refused += untransformable
-            if refused:
-                self._refuse(sink, refused)
-            self.stats.delivered[sink.name] = self.stats.delivered.get(sink.name, 0) + taken
-        self.stats.batches += 1
+        """Submit `batch` and wait until every sink has taken it: for callers that deliver one batch at a time."""
+        ticket = self.submit(batch)
+        assert ticket is not None
+        while not ticket.done:
+            self.wait_done(0.1)
+            self._raise_lane_error()
+        with self._tickets_lock:
+            self._tickets.remove(ticket)
+
+    @property
+    def in_flight(self) -> int:
+        with self._tickets_lock:
+            return len(self._tickets)
+
+    @property
+    def window_depth(self) -> tuple[int, int]:
+        """Records and bytes handed to the sinks and not yet taken by all of them."""
+        return self._window.depth
+
+    @property
+    def busy(self) -> bool:
+        """A sink may still be writing: not safe to close the sinks."""
+        return any(lanes.busy for lanes in self.lanes)
+
+    def stop(self) -> None:
+        for lanes in self.lanes:
+            lanes.stop()
+
+    # -- flushing -------------------------------------------------------------------------------------------
 
     def flush_due(self, now: float) -> bool:
         """Flush (and checkpoint) once every sink may, or as soon as any sink's buffer is past its byte limit:
@@ -123,83 +234,34 @@ class Delivery:
                         raise
             self.stats.succeeded(sink.name)
 
-    def _isolate(self, sink: Sink, batch: Batch) -> list[tuple[ChangeRecord, SinkError]]:
-        try:
-            return self._write(sink, batch)
-        except PermanentSinkError as error:
-            if len(batch) == 1:
-                if self._on_failure == "block":
-                    self._refuse(sink, [(batch.records[0], error)])  # stop before the rest of the batch is written
-                return [(batch.records[0], error)]
-            half = len(batch) // 2
-            log.warning("sink %s refused a batch of %d (%s); bisecting", sink.name, len(batch), error)
-            return self._isolate(sink, _subset(batch.records[:half])) + self._isolate(
-                sink, _subset(batch.records[half:])
-            )
+    # -- internals ------------------------------------------------------------------------------------------
 
-    def _write(self, sink: Sink, batch: Batch) -> list[tuple[ChangeRecord, SinkError]]:
-        """Write with retries; return the records refused for good. Raises PermanentSinkError for the batch."""
-        refused: list[tuple[ChangeRecord, SinkError]] = []
-        pending = batch
-        record_attempts = 0
-        max_age = self._retry.settings.max_record_age_seconds
-        oldest = min(r.approximate_creation_time for r in batch.records)
+    def _part_done(self, ticket: Ticket) -> None:
+        with ticket._lock:
+            ticket._left -= 1
+            if ticket._left > 0:
+                return
+            ticket.done_at = time.monotonic()
+        self._window.release(len(ticket.batch), ticket.batch.size_bytes)
+        with self._completed:
+            self._completed.notify_all()
 
-        def give_up(state: tenacity.RetryCallState) -> bool:
-            error = state.outcome.exception() if state.outcome else None
-            if isinstance(error, _RecordsRetryable):
-                return record_attempts >= self._retry.settings.max_attempts
-            return max_age is not None and (datetime.now(UTC) - oldest).total_seconds() >= max_age
+    def _abandon(self, ticket: Ticket) -> None:
+        with self._tickets_lock:
+            self._tickets.remove(ticket)
+        self._window.release(len(ticket.batch), ticket.batch.size_bytes)
 
-        try:
-            for attempt in self._retry.retrying(f"write to sink {sink.name}", stop=give_up):
-                with attempt:
-                    try:
-                        result = sink.write(pending)
-                    except Exception as failure:
-                        self.stats.failed(sink.name, failure)
-                        raise
-                    again: list[ChangeRecord] = []
-                    last: SinkError | None = None
-                    answered = 0
-                    for record in pending.records:
-                        error = result.failed.get(record.event_id)
-                        if isinstance(error, RetryableSinkError):
-                            again.append(record)
-                            last = error
-                        elif error is not None:
-                            refused.append((record, error))
-                            answered += 1
-                        else:
-                            answered += 1
-                    if not again:
-                        self.stats.succeeded(sink.name)
-                    else:
-                        pending = _subset(again)
-                        hint = getattr(last, "retry_after", None)
-                        self.stats.failed(sink.name, last or RetryableSinkError("not taken"))
-                        if answered == 0:
-                            raise _Unreachable(f"every record of the write failed: {last}", retry_after=hint)
-                        record_attempts += 1  # the destination answered for some: limits apply to the rest
-                        raise _RecordsRetryable(f"{len(again)} record(s) not taken: {last}", retry_after=hint)
-        except RetryableSinkError as exhausted:
-            final = RetryableSinkError(f"still failing after retries: {exhausted}", detail=exhausted.detail)
-            refused.extend((record, final) for record in pending.records)
-        return refused
+    def _head_done(self) -> bool:
+        with self._tickets_lock:
+            return bool(self._tickets) and self._tickets[0].done
 
-    def _refuse(self, sink: Sink, refused: list[tuple[ChangeRecord, SinkError]]) -> None:
-        if self._on_failure == "block":
-            record, error = refused[0]
-            raise DeliveryBlockedError(
-                f"sink {sink.name} refused record {record.event_id} (shard {record.shard_id}, sequence "
-                f"{record.sequence_number}): {error}; on_failure = 'block' stops here"
-            )
-        self._dead_letters.put(sink.name, refused)
-        self.stats.dead_lettered[sink.name] = self.stats.dead_lettered.get(sink.name, 0) + len(refused)
-        log.error(
-            "sink %s refused %d record(s); dead letters in %s", sink.name, len(refused), self._dead_letters.location
-        )
+    def _lane_failed(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+        self.stop()
+        with self._completed:
+            self._completed.notify_all()
 
-
-def _subset(records: Sequence[ChangeRecord]) -> Batch:
-    return Batch(tuple(records), sum(r.size_bytes for r in records))
+    def _raise_lane_error(self) -> None:
+        if self.error is not None:
+            raise self.error

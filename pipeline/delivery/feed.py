@@ -43,6 +43,14 @@ class SinkFeedSettings(BaseModel):
         min_length=1,
         description="Keep only these attributes (and the key attributes) in the images; after record_transform.",
     )
+    max_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="Calls in flight to this destination at once (lanes; one item's changes always on one lane, "
+        "in order). Unset: the sink's default (sqs and sns 32, dynamodb_table 32, s3_parquet 1: the archive "
+        "buffers in stream order; see its upload_concurrency).",
+    )
 
 
 @dataclass(frozen=True, slots=True)
