@@ -394,6 +394,10 @@ class ChildSpec:
     stream_arn: str
     sink: str = "discard"
     """'s3' (the archive sink to moto S3), 'local' (the archive sink writing to `local_dir`), 'discard'."""
+    sink_entries: list[dict[str, Any]] | None = None
+    """`[[sinks]]` entries: the pipeline builds its sinks from them as `streamsink run` does (per-sink
+    max_concurrency and filters apply), instead of the one observed sink above; `taken` is then what every one
+    of them has taken."""
     bucket: str | None = None
     local_dir: str | None = None
     sections: dict[str, Any] = field(default_factory=dict)
@@ -574,6 +578,25 @@ class ObservedSink(Sink):
     def close(self) -> None:
         if self.inner is not None:
             self.inner.close()
+
+
+class _TakenByAll:
+    """For a pipeline that built its own sinks: what every one of them has taken (or refused), read from its
+    delivery counters; no latencies (the items carry no `written_at` here)."""
+
+    def __init__(self, pipeline: Any) -> None:
+        self._pipeline = pipeline
+        self.inner = None
+        self.latencies: list[float] = []
+        self.first_by_shard: dict[str, tuple[float, float]] = {}
+
+    @property
+    def taken(self) -> int:
+        stats = self._pipeline.delivery.stats
+        return min(
+            (stats.delivered.get(s.name, 0) + stats.dead_lettered.get(s.name, 0) for s in self._pipeline.sinks),
+            default=0,
+        )
 
 
 class _RoutedClients(AwsClients):
@@ -822,14 +845,19 @@ def _child_main() -> None:
     sections: dict[str, Any] = {"checkpoint": {"table_name": "bench-checkpoints"}, **spec.sections}
     settings = load_settings(
         source={"stream_arn": spec.stream_arn, "region": REGION, "endpoint_url": spec.moto_url},
-        sinks=[{"type": "memory"}],  # required by the model; the sink below is passed in directly
+        # Required by the model; unless entries are given, the observed sink below is passed in directly.
+        sinks=spec.sink_entries or [{"type": "memory"}],
         **sections,
     )
-    sink = ObservedSink(_child_sink(spec))
     clients = _RoutedClients(spec.moto_url, spec.streams_url, settings.reader.poll_workers + 4)
-    pipeline = Pipeline(settings, sinks=[sink], clients=clients)
+    if spec.sink_entries:
+        pipeline = Pipeline(settings, clients=clients)
+        sink: Any = _TakenByAll(pipeline)
+    else:
+        sink = ObservedSink(_child_sink(spec))
+        pipeline = Pipeline(settings, sinks=[sink], clients=clients)
     sampler = (
-        StackSampler(spec.profile_interval, lambda n: n == "delivery" or n.startswith("poll-")).start()
+        StackSampler(spec.profile_interval, lambda n: n == "delivery" or n.startswith("poll-") or "-lane-" in n).start()
         if spec.profile
         else None
     )

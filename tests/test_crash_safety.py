@@ -384,14 +384,18 @@ def run_kill_scenario(
     workdir: Path,
     kills: int,
     seed: int = SEED,
+    max_concurrency: int | None = None,
 ) -> CrashReport:
     """Kill `streamsink run` at seeded points while `source` changes, then drain; returns what happened.
+    `max_concurrency` sets the replica's lanes (its default when None).
 
     The archive is reached through a proxy that adds S3_LATENCY_SECONDS to every request, so that a good share
     of each run is spent inside a flush: kills land there, where a checkpoint written too early would show."""
     with FaultProxy(aws.endpoint_url) as proxy:
         proxy.inject(s3_bucket(bucket), latency(S3_LATENCY_SECONDS))
-        return _run_kill_scenario(source, aws, bucket, replica, workdir, proxy.endpoint_url, seed, kills)
+        return _run_kill_scenario(
+            source, aws, bucket, replica, workdir, proxy.endpoint_url, seed, kills, max_concurrency
+        )
 
 
 def _run_kill_scenario(
@@ -403,6 +407,7 @@ def _run_kill_scenario(
     archive_endpoint: str,
     seed: int,
     kills: int,
+    max_concurrency: int | None,
 ) -> CrashReport:
     rng = random.Random(seed)
     dynamodb = aws.client("dynamodb")
@@ -421,6 +426,7 @@ def _run_kill_scenario(
             "table_name": replica,
             "sequence_attribute": SEQUENCE_ATTRIBUTE,
             "endpoint_url": aws.endpoint_url,
+            **({} if max_concurrency is None else {"max_concurrency": max_concurrency}),
         },
     ]
     config = write_config(
@@ -649,8 +655,12 @@ def test_sigkill_at_random_points_loses_no_change(aws: EmbeddedAws, bucket: str,
 
 
 @pytest.mark.slow
-def test_sigkill_while_shards_split_loses_no_change(aws: EmbeddedAws, bucket: str, tmp_path: Path) -> None:
-    """The simulated endpoint answers DynamoDB Streams and forwards everything else (checkpoints) to moto."""
+@pytest.mark.parametrize("max_concurrency", [None, 128], ids=["default-lanes", "128-lanes"])
+def test_sigkill_while_shards_split_loses_no_change(
+    aws: EmbeddedAws, bucket: str, tmp_path: Path, max_concurrency: int | None
+) -> None:
+    """The simulated endpoint answers DynamoDB Streams and forwards everything else (checkpoints) to moto. The
+    replica runs on its default lanes and on many more, so kills land while many writes are in flight."""
     simulator = StreamSimulator(rollover_seconds=None)
     stream = simulator.create_stream(unique("orders"), shards=2, seed=SEED)
     splits: list[tuple[str, str]] = []
@@ -670,7 +680,13 @@ def test_sigkill_while_shards_split_loses_no_change(aws: EmbeddedAws, bucket: st
             after_restart=split,
         )
         report = run_kill_scenario(
-            source, aws=aws, bucket=bucket, replica=replica, workdir=tmp_path, kills=SIMULATED_KILLS
+            source,
+            aws=aws,
+            bucket=bucket,
+            replica=replica,
+            workdir=tmp_path,
+            kills=SIMULATED_KILLS,
+            max_concurrency=max_concurrency,
         )
     _assert_kills_exercised(report, SIMULATED_KILLS)
     assert len(splits) == len(SPLIT_AFTER_RESTARTS)
