@@ -48,7 +48,7 @@ class SinkFeedSettings(BaseModel):
         ge=1,
         le=256,
         description="Calls in flight to this destination at once (lanes; one item's changes always on one lane, "
-        "in order). Unset: the sink's default (sqs and sns 32, dynamodb_table 32, s3_parquet 1: the archive "
+        "in order). Unset: the sink's default (sqs and sns 16, dynamodb_table 32, s3_parquet 1: the archive "
         "buffers in stream order; see its upload_concurrency).",
     )
 
