@@ -1,0 +1,353 @@
+"""Scenarios in which delivery breaks a promise of the README: each test states the promise and fails while it
+does not hold.
+
+- the in-flight window bounds memory ("Memory is flat", "memory stays flat however slow a sink is"): batches that
+  completed behind a stuck one stay held but leave the window, and records the pipeline filter drops never count;
+- block mode stops "before any later change of the refused item is written": a FIFO queue and the replica write
+  the refused item's next change in the same write;
+- `retry.max_attempts` "bounds only records that keep failing": changes held back behind a throttled one of the
+  same item are dead-lettered although none of them failed more than once;
+- "the batch is bisected to isolate them; the rest is delivered": a whole call refused after an earlier call of
+  the same write was taken dead-letters every record of it and of the calls after it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError
+
+from pipeline.delivery.dead_letter import JsonlDeadLetters
+from pipeline.delivery.driver import Delivery, DeliveryBlockedError
+from pipeline.delivery.lanes import lane_of
+from pipeline.records import Batch, ChangeRecord
+from pipeline.retry import RetryPolicy
+from pipeline.runner import Pipeline
+from pipeline.settings import RetrySettings, Settings
+from pipeline.testing.emulator import EmbeddedAws
+from sinks.base import Sink, WriteResult
+from sinks.dynamodb_table import DynamoDbTableSink, DynamoDbTableSinkSettings
+from sinks.memory import FlakySink
+from sinks.sqs import SqsSink, SqsSinkSettings
+from tests.conftest import unique, wait_until
+from tests.factories import change_record
+from tests.test_sink_sqs import pipeline_client, receive_all
+
+QUICK = RetryPolicy(RetrySettings(max_attempts=3, initial_delay_seconds=0.001, max_delay_seconds=0.01))
+
+
+@pytest.fixture
+def dead_letters(tmp_path: Path) -> JsonlDeadLetters:
+    return JsonlDeadLetters(tmp_path / "dead.jsonl")
+
+
+def _dead_event_ids(dead_letters: JsonlDeadLetters) -> list[str]:
+    if not dead_letters.path.exists():
+        return []
+    return [json.loads(line)["event_id"] for line in dead_letters.path.read_text().splitlines()]
+
+
+def _change(n: int, pk: str, *, image: Mapping[str, Any] | None = None) -> ChangeRecord:
+    keys = {"pk": {"S": pk}, "sk": {"S": "a"}}
+    return change_record(
+        sequence=10**20 + n,
+        event_name="MODIFY",
+        keys=keys,
+        new_image={**keys, "n": {"N": str(n)}, **(image or {})},
+        event_id=f"e{n:04d}",
+    )
+
+
+def _batch(records: list[ChangeRecord]) -> Batch:
+    return Batch(tuple(records), sum(r.size_bytes for r in records))
+
+
+# -- the in-flight window and memory ---------------------------------------------------------------------------
+
+
+class OneItemStuck(Sink):
+    """A keyed destination on which one item's writes wait until released: that item's lane retrying a long
+    outage of its partition (a hot key), while every other lane writes at once."""
+
+    default_concurrency = 4
+
+    def __init__(self, stuck_pk: str) -> None:
+        super().__init__("stuck")
+        self._stuck_pk = stuck_pk
+        self.release = threading.Event()
+        self._lock = threading.Lock()
+        self.taken: list[str] = []
+
+    def write(self, batch: Batch) -> WriteResult:
+        if any(r.keys["pk"] == self._stuck_pk for r in batch.records):
+            self.release.wait(60)
+        with self._lock:
+            self.taken.extend(r.event_id for r in batch.records)
+        return WriteResult()
+
+
+def test_batches_done_behind_a_stuck_one_still_count_against_the_in_flight_window(
+    dead_letters: JsonlDeadLetters,
+) -> None:
+    """Batches complete out of order but are handed back (and can be checkpointed) only in order, so every batch
+    behind the stuck one stays in memory. They leave the window as soon as they complete, though, so `submit`
+    never waits and the records held grow with the backlog: "memory stays flat however slow a sink is" and
+    `delivery.max_records_in_flight` bound nothing while one lane is slow."""
+    sink = OneItemStuck("hot")
+    window = 20
+    delivery = Delivery([sink], retry=QUICK, dead_letters=dead_letters, concurrency=[4], max_records_in_flight=window)
+    stuck = _change(0, "hot")
+    hot_lane = lane_of(stuck, 4)
+    others = [r for r in (_change(n, f"item-{n:03d}") for n in range(1, 1000)) if lane_of(r, 4) != hot_lane][:200]
+    try:
+        held = [delivery.submit(_batch([stuck]))]
+        for start in range(0, len(others), 5):
+            ticket = delivery.submit(_batch(others[start : start + 5]), timeout=1.0)
+            if ticket is None:  # the window is full: the caller (and the queue and readers behind it) waits
+                break
+            held.append(ticket)
+        assert delivery.done() == [], "a batch was handed back before the stuck one"
+        records_held = sum(len(t.batch) for t in held if t is not None)
+        assert records_held <= window + 5, (
+            f"{records_held} records handed to the sinks and not handed back, with max_records_in_flight = {window}"
+        )
+    finally:
+        sink.release.set()
+        delivery.stop()
+
+
+def test_records_the_pipeline_filter_drops_still_count_against_memory_while_a_sink_is_down(
+    aws: EmbeddedAws, dynamodb: Any, table: str, make_settings: Callable[..., Settings]
+) -> None:
+    """A `[filter]` that admits few records (here only REMOVEs) and a sink that is down: each later batch is
+    admitted empty, takes nothing of the window, completes at once and waits behind the stuck one holding its
+    records. The delivery thread keeps taking pages, the queue never fills and the readers never wait: the whole
+    backlog comes out of the stream into memory ("Readers block when the queue is full, so a backlog stays in
+    the stream")."""
+    key = {"pk": {"S": "customer#0"}, "sk": {"S": "order#00000"}}
+    dynamodb.put_item(TableName=table, Item={**key, "amount": {"N": "1"}})
+    dynamodb.delete_item(TableName=table, Key=key)  # the one admitted record: the down sink never takes it
+    total = 2 + 300
+    for n in range(1, 301):
+        dynamodb.put_item(
+            TableName=table, Item={"pk": {"S": f"customer#{n}"}, "sk": {"S": f"order#{n:05d}"}, "amount": {"N": "1"}}
+        )
+    settings = make_settings(
+        filter={"event_names": ["REMOVE"]},
+        batch={"max_records": 10, "queue_capacity": 20, "max_wait_seconds": 0.05},
+        reader={"get_records_limit": 10},
+        delivery={"max_records_in_flight": 20},
+        retry={"max_attempts": 3, "initial_delay_seconds": 0.01, "max_delay_seconds": 0.05},
+    )
+    down = FlakySink("down", fail_writes=10**9)
+    pipeline = Pipeline(settings, sinks=[down])
+    # queue (20) + window (20) + the open batch (10) + a page in each reader's hand (10 per shard): far under 100
+    bound = 100
+    pipeline.start()
+    try:
+        try:
+            wait_until(lambda: pipeline.stats.records_read > bound, timeout=15, what="records read past the bound")
+            # past the bound: nothing holds the readers back, see how far they go
+            wait_until(lambda: pipeline.stats.records_read >= total, timeout=15, what="the whole backlog read")
+        except AssertionError:
+            pass  # the readers waited (as promised), or stopped somewhere past the bound
+        assert down.attempts > 0, "the sink was never tried"
+        assert pipeline.stats.records_read <= bound, (
+            f"{pipeline.stats.records_read} of {total} records taken out of the stream into memory while the sink "
+            f"is down (queue 20, max_records_in_flight 20)"
+        )
+    finally:
+        pipeline.stop(timeout=1.0)
+
+
+# -- block mode ------------------------------------------------------------------------------------------------
+
+
+def _wait_blocked(delivery: Delivery) -> None:
+    wait_until(lambda: delivery.error is not None, timeout=20, what="the delivery to block")
+    assert isinstance(delivery.error, DeliveryBlockedError)
+
+
+def test_block_mode_sends_no_later_change_of_an_item_whose_message_a_fifo_queue_refuses(
+    aws: EmbeddedAws, dead_letters: JsonlDeadLetters
+) -> None:
+    """An item's change whose message is over 256 KiB (the item itself is within DynamoDB's 400 KB) is refused
+    for good; with on_failure = "block" the pipeline must stop "before any later change of the refused item is
+    written". The FIFO sink does not hold the group back behind a permanent refusal, so the item's next change
+    goes out in the next call of the same write, and only then does the writer raise."""
+    sqs = aws.client("sqs")
+    url = sqs.create_queue(QueueName=unique("changes") + ".fifo", Attributes={"FifoQueue": "true"})["QueueUrl"]
+    sink = SqsSink(
+        SqsSinkSettings(type="sqs", queue_url=url),
+        region=aws.region,
+        endpoint_url=aws.endpoint_url,
+        client=pipeline_client(aws, "sqs"),
+    )
+    sink.open()
+    too_big = _change(1, "item-1", image={"blob": {"S": "x" * (300 * 1024)}})
+    next_change = _change(2, "item-1")
+    delivery = Delivery([sink], retry=QUICK, dead_letters=dead_letters, on_failure="block", concurrency=[1])
+    try:
+        delivery.submit(_batch([too_big, next_change]))
+        _wait_blocked(delivery)
+        sent = [json.loads(m["Body"])["eventID"] for m in receive_all(sqs, url)]
+        assert next_change.event_id not in sent, "the refused item's next change was sent before the pipeline stopped"
+    finally:
+        delivery.stop()
+
+
+@pytest.fixture
+def replica(dynamodb: Any) -> str:
+    name = unique("replica")
+    dynamodb.create_table(
+        TableName=name,
+        BillingMode="PAY_PER_REQUEST",
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+        AttributeDefinitions=[{"AttributeName": a, "AttributeType": "S"} for a in ("pk", "sk")],
+    )
+    return name
+
+
+def _replica_sink(aws: EmbeddedAws, replica: str, client: Any = None) -> DynamoDbTableSink:
+    sink = DynamoDbTableSink(
+        DynamoDbTableSinkSettings(type="dynamodb_table", table_name=replica),
+        region=aws.region,
+        endpoint_url=aws.endpoint_url,
+        client=client or pipeline_client(aws, "dynamodb"),
+    )
+    sink.open()
+    return sink
+
+
+def test_block_mode_applies_no_later_change_of_an_item_the_replica_refuses(
+    aws: EmbeddedAws, dynamodb: Any, replica: str, dead_letters: JsonlDeadLetters
+) -> None:
+    """The replica refuses a change for good (its item is over DynamoDB's 400 KB; a source item just under it
+    is too once the sequence attribute is added) and goes on with the same item's next change in the same write:
+    with on_failure = "block" the replica ends up holding a change the pipeline stopped before."""
+    sink = _replica_sink(aws, replica)
+    too_big = _change(1, "item-1", image={"blob": {"S": "x" * (410 * 1024)}})
+    next_change = _change(2, "item-1")
+    delivery = Delivery([sink], retry=QUICK, dead_letters=dead_letters, on_failure="block", concurrency=[1])
+    try:
+        delivery.submit(_batch([too_big, next_change]))
+        _wait_blocked(delivery)
+        assert too_big.event_id in str(delivery.error)
+        item = dynamodb.get_item(TableName=replica, Key={"pk": {"S": "item-1"}, "sk": {"S": "a"}}).get("Item")
+        assert item is None, f"the replica applied change n={item and item['n']['N']} after the refused one"
+    finally:
+        delivery.stop()
+
+
+# -- retry limits ----------------------------------------------------------------------------------------------
+
+
+class ThrottlesEveryThird:
+    """The real DynamoDB client, throttling every third write: a hot partition the table keeps up with in part."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self._lock = threading.Lock()
+        self.calls = 0
+        self.throttled = 0
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._real, name)
+        if name not in ("put_item", "delete_item"):
+            return attribute
+
+        def call(**kwargs: Any) -> Any:
+            with self._lock:
+                self.calls += 1
+                throttle = self.calls % 3 == 0
+                self.throttled += throttle
+            if throttle:
+                raise ClientError(
+                    {
+                        "Error": {"Code": "ProvisionedThroughputExceededException", "Message": "slow down"},
+                        "ResponseMetadata": {"HTTPStatusCode": 400},
+                    },
+                    name,
+                )
+            return attribute(**kwargs)
+
+        return call
+
+
+def test_changes_held_back_behind_a_throttled_change_are_not_dead_lettered(
+    aws: EmbeddedAws, dynamodb: Any, replica: str, dead_letters: JsonlDeadLetters
+) -> None:
+    """One item's 30 changes in one part; the table throttles every third write, so no change fails more than
+    once and every attempt moves forward. The writer counts each such attempt against `retry.max_attempts` for
+    the whole rest, and dead-letters the changes held back behind the throttled one, most never sent at all.
+    README: "`retry.max_attempts` bounds only records that keep failing while the destination takes others";
+    throttling is retried, not dead-lettered."""
+    client = ThrottlesEveryThird(pipeline_client(aws, "dynamodb"))
+    sink = _replica_sink(aws, replica, client=client)
+    changes = [_change(n, "hot") for n in range(1, 31)]
+    delivery = Delivery([sink], retry=QUICK, dead_letters=dead_letters, concurrency=[1])
+    delivery.deliver(_batch(changes))
+    dead = _dead_event_ids(dead_letters)
+    assert dead == [], f"{len(dead)} throttled or held-back changes dead-lettered after {client.throttled} throttles"
+    item = dynamodb.get_item(TableName=replica, Key={"pk": {"S": "hot"}, "sk": {"S": "a"}})["Item"]
+    assert item["n"]["N"] == "30"
+
+
+# -- bisection -------------------------------------------------------------------------------------------------
+
+
+class RefusesCallsWithPoison:
+    """The real SQS client; a SendMessageBatch holding a poison record is refused as a whole (a 400 for the call,
+    as their own bulk-destination test models it), every other call goes through."""
+
+    def __init__(self, real: Any, poison: str) -> None:
+        self._real = real
+        self._poison = poison
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._real, name)
+        if name != "send_message_batch":
+            return attribute
+
+        def call(**kwargs: Any) -> Any:
+            if any(json.loads(e["MessageBody"])["eventID"] == self._poison for e in kwargs["Entries"]):
+                raise ClientError(
+                    {
+                        "Error": {"Code": "InvalidParameterValue", "Message": "refused"},
+                        "ResponseMetadata": {"HTTPStatusCode": 400},
+                    },
+                    "SendMessageBatch",
+                )
+            return attribute(**kwargs)
+
+        return call
+
+
+def test_a_call_refused_after_an_earlier_call_was_taken_is_bisected_not_dead_lettered_whole(
+    aws: EmbeddedAws, dead_letters: JsonlDeadLetters
+) -> None:
+    """30 records to a standard queue, one poison record in the second call of the write. The first call is
+    taken, the second refused: the sink reports it and every unsent call after it refused for good, so the
+    writer dead-letters 20 records without bisecting. README: "a sink refuses records: the batch is bisected to
+    isolate them; the rest is delivered"."""
+    sqs = aws.client("sqs")
+    url = sqs.create_queue(QueueName=unique("changes"))["QueueUrl"]
+    records = [_change(n, f"item-{n:02d}") for n in range(30)]
+    poison = records[15].event_id
+    sink = SqsSink(
+        SqsSinkSettings(type="sqs", queue_url=url),
+        region=aws.region,
+        endpoint_url=aws.endpoint_url,
+        client=RefusesCallsWithPoison(pipeline_client(aws, "sqs"), poison),
+    )
+    sink.open()
+    delivery = Delivery([sink], retry=QUICK, dead_letters=dead_letters, concurrency=[1])
+    delivery.deliver(_batch(records))
+    assert sorted(_dead_event_ids(dead_letters)) == [poison]
+    sent = sorted(json.loads(m["Body"])["eventID"] for m in receive_all(sqs, url))
+    assert sent == sorted(r.event_id for r in records if r.event_id != poison)
