@@ -36,7 +36,7 @@ from sinks.memory import FlakySink
 from sinks.sqs import SqsSink, SqsSinkSettings
 from tests.conftest import unique, wait_until
 from tests.factories import change_record
-from tests.test_sink_sqs import pipeline_client, receive_all
+from tests.test_sink_sqs import FaultInjectingClient, pipeline_client, receive_all
 
 QUICK = RetryPolicy(RetrySettings(max_attempts=3, initial_delay_seconds=0.001, max_delay_seconds=0.01))
 
@@ -351,3 +351,39 @@ def test_a_call_refused_after_an_earlier_call_was_taken_is_bisected_not_dead_let
     assert sorted(_dead_event_ids(dead_letters)) == [poison]
     sent = sorted(json.loads(m["Body"])["eventID"] for m in receive_all(sqs, url))
     assert sent == sorted(r.event_id for r in records if r.event_id != poison)
+
+
+def _throttled(operation: str) -> ClientError:
+    return ClientError(
+        {"Error": {"Code": "ThrottlingException", "Message": "slow down"}, "ResponseMetadata": {"HTTPStatusCode": 400}},
+        operation,
+    )
+
+
+def test_records_never_sent_behind_a_throttled_call_are_not_dead_lettered(
+    aws: EmbeddedAws, dead_letters: JsonlDeadLetters
+) -> None:
+    """90 records to a standard queue in one write (nine calls); every third call is throttled as a whole, so
+    each attempt sends two calls and stops at the third. The third such attempt exhausts `retry.max_attempts`
+    and the 30 records still unsent are dead-lettered: none of them was ever refused, they were never even sent.
+    README: a write "that fails as a whole ... is the destination being down: ... nothing is dead-lettered";
+    throttling is "retried for those records only"."""
+    sqs = aws.client("sqs")
+    url = sqs.create_queue(QueueName=unique("changes"))["QueueUrl"]
+    client = FaultInjectingClient(
+        pipeline_client(aws, "sqs"),
+        batch_method="send_message_batch",
+        entries_key="Entries",
+        raise_on_call={n: _throttled("SendMessageBatch") for n in (3, 6, 9, 12, 15)},
+    )
+    sink = SqsSink(
+        SqsSinkSettings(type="sqs", queue_url=url), region=aws.region, endpoint_url=aws.endpoint_url, client=client
+    )
+    sink.open()
+    records = [_change(n, f"item-{n:02d}") for n in range(90)]
+    delivery = Delivery([sink], retry=QUICK, dead_letters=dead_letters, concurrency=[1])
+    delivery.deliver(_batch(records))
+    dead = _dead_event_ids(dead_letters)
+    assert dead == [], f"{len(dead)} records dead-lettered after {len(client.calls)} calls, 3 of them throttled"
+    sent = sorted(json.loads(m["Body"])["eventID"] for m in receive_all(sqs, url))
+    assert sent == sorted(r.event_id for r in records)
