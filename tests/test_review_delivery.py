@@ -387,3 +387,58 @@ def test_records_never_sent_behind_a_throttled_call_are_not_dead_lettered(
     assert dead == [], f"{len(dead)} records dead-lettered after {len(client.calls)} calls, 3 of them throttled"
     sent = sorted(json.loads(m["Body"])["eventID"] for m in receive_all(sqs, url))
     assert sent == sorted(r.event_id for r in records)
+
+
+class HoldsCallsUntilSeen:
+    """The real SQS client; a SendMessageBatch without the awaited record waits (at most `patience` seconds)
+    until a call with it has been answered: it orders two lanes' calls without any sleep."""
+
+    def __init__(self, real: Any, awaited: str, patience: float = 10.0) -> None:
+        self._real = real
+        self._awaited = awaited
+        self._patience = patience
+        self.seen = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._real, name)
+        if name != "send_message_batch":
+            return attribute
+
+        def call(**kwargs: Any) -> Any:
+            ids = [json.loads(e["MessageBody"])["eventID"] for e in kwargs["Entries"]]
+            if self._awaited in ids:
+                answer = attribute(**kwargs)
+                self.seen.set()
+                return answer
+            self.seen.wait(self._patience)
+            return attribute(**kwargs)
+
+        return call
+
+
+def test_block_mode_sends_no_later_change_of_the_refused_item_to_a_standard_queue(
+    aws: EmbeddedAws, dead_letters: JsonlDeadLetters
+) -> None:
+    """A standard queue spreads a batch over its lanes in calls of 10, so an item's next change can sit on
+    another lane than the change its queue refuses. Block mode "stops before any later change of the refused
+    item is written": here the item's next change goes out on the second lane while the first still holds the
+    refused one."""
+    sqs = aws.client("sqs")
+    url = sqs.create_queue(QueueName=unique("changes"))["QueueUrl"]
+    records = [_change(n, f"item-{n:02d}") for n in range(20)]
+    records[9] = _change(9, "item-hot", image={"blob": {"S": "x" * (300 * 1024)}})  # refused: over 256 KiB
+    records[10] = _change(10, "item-hot")  # the same item's next change, in the next call of 10
+    client = HoldsCallsUntilSeen(pipeline_client(aws, "sqs"), awaited=records[10].event_id)
+    sink = SqsSink(
+        SqsSinkSettings(type="sqs", queue_url=url), region=aws.region, endpoint_url=aws.endpoint_url, client=client
+    )
+    sink.open()
+    delivery = Delivery([sink], retry=QUICK, dead_letters=dead_letters, on_failure="block", concurrency=[2])
+    try:
+        delivery.submit(_batch(records))
+        _wait_blocked(delivery)
+        assert records[9].event_id in str(delivery.error)
+        sent = [json.loads(m["Body"])["eventID"] for m in receive_all(sqs, url)]
+        assert records[10].event_id not in sent, "the refused item's next change was sent"
+    finally:
+        delivery.stop()
