@@ -165,6 +165,49 @@ def test_records_the_pipeline_filter_drops_still_count_against_memory_while_a_si
         pipeline.stop(timeout=1.0)
 
 
+def test_a_slow_lane_lets_the_whole_backlog_out_of_the_stream(
+    aws: EmbeddedAws, dynamodb: Any, table: str, make_settings: Callable[..., Settings]
+) -> None:
+    """The pipeline view of the first test: one item's lane is stuck (its writes wait), every other item is on
+    another lane and written at once. The batches behind the stuck one complete, leave the window, and the
+    delivery thread goes on taking pages: the readers never wait and the backlog comes out of the stream into
+    memory, though "Readers block when the queue is full (records or bytes), so a backlog stays in the
+    stream"."""
+    hot = {"pk": {"S": "customer#hot"}, "sk": {"S": "order#hot"}}
+    hot_lane = lane_of(change_record(keys=hot), 4)
+    others = [
+        key
+        for key in ({"pk": {"S": f"customer#{n}"}, "sk": {"S": f"order#{n:05d}"}} for n in range(1000))
+        if lane_of(change_record(keys=key), 4) != hot_lane
+    ][:300]
+    dynamodb.put_item(TableName=table, Item={**hot, "amount": {"N": "1"}})
+    for key in others:
+        dynamodb.put_item(TableName=table, Item={**key, "amount": {"N": "1"}})
+    total = 1 + len(others)
+    settings = make_settings(
+        batch={"max_records": 10, "queue_capacity": 20, "max_wait_seconds": 0.05},
+        reader={"get_records_limit": 10},
+        delivery={"max_records_in_flight": 20},
+    )
+    sink = OneItemStuck("customer#hot")
+    pipeline = Pipeline(settings, sinks=[sink])
+    bound = 100  # queue (20) + window (20) + the open batch (10) + a page in the reader's hand (10), and room
+    pipeline.start()
+    try:
+        try:
+            wait_until(lambda: pipeline.stats.records_read > bound, timeout=15, what="records read past the bound")
+            wait_until(lambda: pipeline.stats.records_read >= total, timeout=15, what="the whole backlog read")
+        except AssertionError:
+            pass  # the readers waited (as promised), or stopped somewhere past the bound
+        assert pipeline.stats.records_read <= bound, (
+            f"{pipeline.stats.records_read} of {total} records taken out of the stream into memory behind one "
+            f"stuck lane (queue 20, max_records_in_flight 20; {len(sink.taken)} written, none checkpointed)"
+        )
+    finally:
+        sink.release.set()
+        pipeline.stop(timeout=2.0)
+
+
 # -- block mode ------------------------------------------------------------------------------------------------
 
 
