@@ -13,6 +13,7 @@ does not hold.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Callable, Mapping
@@ -483,5 +484,83 @@ def test_block_mode_sends_no_later_change_of_the_refused_item_to_a_standard_queu
         assert records[9].event_id in str(delivery.error)
         sent = [json.loads(m["Body"])["eventID"] for m in receive_all(sqs, url)]
         assert records[10].event_id not in sent, "the refused item's next change was sent"
+    finally:
+        delivery.stop()
+
+
+class CallsAfterBlock:
+    """The real SQS client, refusing one record as the sender's fault and noting for every other
+    SendMessageBatch whether the delivery had already blocked when the call started. The refusal waits until
+    another lane's first call has started, and that call waits until the delivery has blocked, so the block
+    lands while it is in flight (each wait at most `patience` seconds)."""
+
+    def __init__(self, real: Any, refused: str, patience: float = 10.0) -> None:
+        self._real = real
+        self._refused = refused
+        self._patience = patience
+        self.delivery: Delivery | None = None
+        self.started_after_block: list[list[str]] = []
+        self._other_started = threading.Event()
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._real, name)
+        if name != "send_message_batch":
+            return attribute
+
+        def call(**kwargs: Any) -> Any:
+            delivery = self.delivery
+            assert delivery is not None
+            entries = kwargs["Entries"]
+            ids = [json.loads(e["MessageBody"])["eventID"] for e in entries]
+            if self._refused in ids:
+                self._other_started.wait(self._patience)
+                failed = [
+                    {"Id": e["Id"], "SenderFault": True, "Code": "InvalidParameterValue", "Message": "refused"}
+                    for e, event_id in zip(entries, ids, strict=True)
+                    if event_id == self._refused
+                ]
+                kept = [e for e, event_id in zip(entries, ids, strict=True) if event_id != self._refused]
+                answer = attribute(**{**kwargs, "Entries": kept}) if kept else {"Successful": []}
+                return {**answer, "Failed": [*answer.get("Failed", []), *failed]}
+            with self._lock:
+                first = not self._other_started.is_set()
+                self._other_started.set()
+                if delivery.error is not None:
+                    self.started_after_block.append(ids)
+            if first:
+                with contextlib.suppress(AssertionError):
+                    wait_until(lambda: delivery.error is not None, timeout=self._patience, what="the block")
+            return attribute(**kwargs)
+
+        return call
+
+
+def test_after_a_block_other_lanes_start_no_new_calls(aws: EmbeddedAws, dead_letters: JsonlDeadLetters) -> None:
+    """Block mode: "other items' lanes may finish the calls they had started". The queue refuses one record as
+    the sender's fault while another lane is in the first of its part's two calls; that lane goes on with the
+    second call after the block (and would go on retrying it): a lane is only told to stop between parts, so
+    the FIFO queue receives calls started after the pipeline blocked."""
+    sqs = aws.client("sqs")
+    url = sqs.create_queue(QueueName=unique("changes") + ".fifo", Attributes={"FifoQueue": "true"})["QueueUrl"]
+    refused = _change(0, "item-refused")
+    refused_lane = lane_of(refused, 2)
+    others = [r for r in (_change(n, f"item-{n:03d}") for n in range(1, 200)) if lane_of(r, 2) != refused_lane][:20]
+    client = CallsAfterBlock(pipeline_client(aws, "sqs"), refused.event_id)
+    sink = SqsSink(
+        SqsSinkSettings(type="sqs", queue_url=url), region=aws.region, endpoint_url=aws.endpoint_url, client=client
+    )
+    sink.open()
+    delivery = Delivery([sink], retry=QUICK, dead_letters=dead_letters, on_failure="block", concurrency=[2])
+    client.delivery = delivery
+    try:
+        # The other lane's part (20 items, two calls of 10) is handed out first, so that it is queued before the
+        # block stops the lanes.
+        delivery.submit(_batch([*others, refused]))
+        _wait_blocked(delivery)
+        wait_until(lambda: not delivery.busy, timeout=20, what="the lanes to finish")
+        assert client.started_after_block == [], (
+            f"{len(client.started_after_block)} call(s) started after the pipeline blocked"
+        )
     finally:
         delivery.stop()
