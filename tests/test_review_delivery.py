@@ -4,9 +4,10 @@ does not hold.
 - the in-flight window bounds memory ("Memory is flat", "memory stays flat however slow a sink is"): batches that
   completed behind a stuck one stay held but leave the window, and records the pipeline filter drops never count;
 - block mode stops "before any later change of the refused item is written": a FIFO queue and the replica write
-  the refused item's next change in the same write;
+  the refused item's next change in the same write, a standard queue on another lane; and "other items' lanes
+  may finish the calls they had started", but they start new ones;
 - `retry.max_attempts` "bounds only records that keep failing": changes held back behind a throttled one of the
-  same item are dead-lettered although none of them failed more than once;
+  same item, and records never sent behind a throttled call, are dead-lettered although none failed twice;
 - "the batch is bisected to isolate them; the rest is delivered": a whole call refused after an earlier call of
   the same write was taken dead-letters every record of it and of the calls after it.
 """
