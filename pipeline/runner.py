@@ -466,7 +466,9 @@ class Pipeline:
                 for item in closed:
                     admitted = self.record_filter.select(item.batch)
                     self.stats.filtered += len(item.batch) - len(admitted)
-                    while self.delivery.submit(admitted, item, timeout=0.2) is None:  # the window is full
+                    while (
+                        self.delivery.submit(admitted, item, timeout=0.2, read=item.batch) is None
+                    ):  # the window is full
                         if self._hard_stop.is_set():
                             return
                         self._take_done(progress, drained)

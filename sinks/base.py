@@ -64,7 +64,24 @@ class RetryableSinkError(SinkError, RetryableError):
 
 
 class PermanentSinkError(SinkError):
-    """Validation, too large, access denied: the same write will fail again."""
+    """Validation, too large: the same write will fail again."""
+
+
+class DestinationUnusableError(SinkError):
+    """The destination itself is gone or refuses these credentials (no such queue, topic or table; access
+    denied for the call): no record can be delivered, and dead-lettering the whole stream would only move the
+    problem. The pipeline stops naming it, without checkpointing past what it did not take."""
+
+
+class NotAttemptedError(RetryableSinkError):
+    """The record was not sent: it waits behind an earlier change of its item that failed in the same write, or
+    behind a call that failed as a whole. Nothing is known against it, so it is written again at once and never
+    counted against `retry.max_attempts`."""
+
+
+class CallRefusedError(PermanentSinkError):
+    """The call carrying this record was refused as a whole after other calls of the same write were taken, so
+    which of its records caused it is unknown: the pipeline bisects those records to find out."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,8 +23,8 @@ Deletes
     order. So if a replay re-applies an INSERT, the REMOVE that followed it in the stream comes later in the
     same replay and deletes the item again: the table converges. Within one write, a key's changes are applied
     in sequence order, so a batch that holds both ends with the item deleted, whatever order it lists them
-    in. When a key's change fails with a retryable error, its later changes in that write are held back and reported
-    retryable too; the pipeline retries them in order, so a REMOVE is never applied before the INSERT it
+    in. When a key's change fails, its later changes in that write are held back (`NotAttemptedError`); the
+    pipeline writes them again in order, so a REMOVE is never applied before the INSERT it
     follows. An older change fed to the sink on its own, outside stream order (the pipeline never does
     this), can bring back a deleted item until the REMOVE is applied again. Tombstones would close that gap,
     but they would leave items in the replica that the source does not have, so they are not offered.
@@ -95,7 +95,16 @@ from pydantic_core import PydanticCustomError
 from pipeline.aws import AwsClients
 from pipeline.records import Batch, ChangeRecord
 from pipeline.user_code import import_callable
-from sinks.base import PermanentSinkError, RetryableSinkError, Sink, SinkError, SinkSettings, WriteResult
+from sinks.base import (
+    DestinationUnusableError,
+    NotAttemptedError,
+    PermanentSinkError,
+    RetryableSinkError,
+    Sink,
+    SinkError,
+    SinkSettings,
+    WriteResult,
+)
 
 SEQUENCE_WIDTH = 40
 """Characters of the stored sequence: the longest DynamoDB Streams sequence number."""
@@ -105,6 +114,9 @@ NEWER_WINS_CONDITION = "attribute_not_exists(#seq) OR #seq < :seq"
 
 ItemTransform = Callable[[ChangeRecord], Mapping[str, Any] | None]
 """A `transform`: the item to put for a change (plain Python values), or None to skip the change."""
+
+_UNUSABLE_CODES = frozenset({"ResourceNotFoundException", "AccessDeniedException"})
+"""The table itself is gone or forbidden: no write of any record can succeed."""
 
 _RETRYABLE_CODES = frozenset(
     {
@@ -279,11 +291,20 @@ class DynamoDbTableSink(Sink):
             raise RuntimeError(f"sink {self.name}: write() before open()")
         failed: dict[str, SinkError] = {}
         by_key: dict[tuple[tuple[str, Any], ...], list[_Write]] = {}
+        unplanned: dict[frozenset[tuple[str, Any]], str] = {}  # source item -> the change that could not be planned
         for record in batch.records:
+            item = frozenset(record.keys.items())
+            if item in unplanned:  # its earlier change is refused: a pipeline in block mode must not apply this one
+                failed[record.event_id] = NotAttemptedError(
+                    f"event {record.event_id} held back: event {unplanned[item]}, an earlier change to the same "
+                    "item, was refused"
+                )
+                continue
             try:
                 write = self._planned(record)
             except PermanentSinkError as error:
                 failed[record.event_id] = error
+                unplanned[item] = record.event_id
                 continue
             if write is not None:
                 by_key.setdefault(write.key, []).append(write)
@@ -376,22 +397,20 @@ class DynamoDbTableSink(Sink):
     # -- requests ----------------------------------------------------------------------------------------
 
     def _applied(self, chain: Sequence[_Write]) -> dict[str, SinkError]:
-        """Apply one key's writes in order. After a retryable failure the rest wait, to be retried in order."""
+        """Apply one key's writes in order. After a failure the rest wait (a retry must keep their order, and a
+        pipeline that stops at a refusal must not apply the item's next change); they are written again."""
         failed: dict[str, SinkError] = {}
         for index, write in enumerate(chain):
             error = self._sent(write)
             if error is None:
                 continue
             failed[write.record.event_id] = error
-            if isinstance(error, RetryableSinkError):
-                for later in chain[index + 1 :]:
-                    failed[later.record.event_id] = RetryableSinkError(
-                        f"event {later.record.event_id} held back: event {write.record.event_id}, an earlier "
-                        f"change to the same item, failed ({error})",
-                        retry_after=error.retry_after,
-                        detail=error.detail,
-                    )
-                break
+            for later in chain[index + 1 :]:
+                failed[later.record.event_id] = NotAttemptedError(
+                    f"event {later.record.event_id} held back: event {write.record.event_id}, an earlier "
+                    f"change to the same item, was not applied ({error})"
+                )
+            break
         return failed
 
     def _sent(self, write: _Write) -> SinkError | None:
@@ -425,6 +444,10 @@ def _classified(what: str, exc: ClientError | BotoCoreError) -> SinkError | None
         code = _code(exc)
         if code == "ConditionalCheckFailedException":
             return None
+        if code in _UNUSABLE_CODES:
+            return DestinationUnusableError(
+                f"{what}: {code}; the table is gone or these credentials may not write to it"
+            )
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
         message = exc.response.get("Error", {}).get("Message", "") or str(exc)
         if code in _RETRYABLE_CODES or status >= 500 or status == 429:

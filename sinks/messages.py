@@ -33,7 +33,17 @@ from pydantic import Field
 from pipeline.aws import AwsClients
 from pipeline.errors import is_retryable
 from pipeline.records import Batch, ChangeRecord, to_json_bytes
-from sinks.base import PermanentSinkError, RetryableSinkError, Sink, SinkError, SinkSettings, WriteResult
+from sinks.base import (
+    CallRefusedError,
+    DestinationUnusableError,
+    NotAttemptedError,
+    PermanentSinkError,
+    RetryableSinkError,
+    Sink,
+    SinkError,
+    SinkSettings,
+    WriteResult,
+)
 
 BodyFormat = Literal["change", "dynamodb"]
 
@@ -45,6 +55,8 @@ MAX_FIFO_ID_LENGTH = 128
 _MISSING_DESTINATION_CODES = frozenset(
     {"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist", "NotFound", "NotFoundException"}
 )
+# The caller may not use the destination at all (a call-level answer, never a per-entry one).
+_FORBIDDEN_CODES = frozenset({"AccessDenied", "AccessDeniedException", "AuthorizationError"})
 # Throttling codes of SQS, SNS and their KMS calls that pipeline.retry's shared list does not know.
 _THROTTLING_CODES = frozenset(
     {"RequestThrottled", "AWS.SimpleQueueService.RequestThrottled", "Throttled", "KmsThrottled", "KMSThrottling"}
@@ -309,20 +321,28 @@ class MessageSink(Sink, Generic[SettingsT]):
 def send_in_calls(messages: Sequence[OutgoingMessage], send: SendCall, *, fifo: bool, what: str) -> WriteResult:
     """Send `messages` in as few batch calls as the limits allow, in order; report per-record outcomes.
 
-    A message over the size limit is refused for good. A call that fails as a whole raises when nothing of the
-    write has been taken yet; after that, it and the unsent rest are reported failed, so only they are retried.
+    A message over the size limit is refused for good. Once a message is not taken, the later messages of its
+    item (its FIFO group) in this write are held back (`NotAttemptedError`): a FIFO destination must receive an
+    item's changes in order, and a pipeline that stops at a refusal must not send the item's next change. A call
+    that fails as a whole raises when nothing of the write has been taken yet; after that its messages carry the
+    call's error (`CallRefusedError` when it was refused for good, so that they are bisected) and the unsent rest
+    is held back.
     """
     failed: dict[str, SinkError] = {}
+    holding_back: dict[str, str] = {}  # item (FIFO group) -> event id of the record it waits for
     pending: list[OutgoingMessage] = []
     for message in messages:
-        if message.size > MAX_MESSAGE_BYTES:
+        item = _item_of(message) if holding_back else None
+        if item is not None and item in holding_back:
+            failed[message.record.event_id] = _held_back(message, holding_back[item], what)
+        elif message.size > MAX_MESSAGE_BYTES:
             failed[message.record.event_id] = PermanentSinkError(
                 f"{what}: the message for record {message.record.event_id} is {message.size} bytes, over the "
                 f"{MAX_MESSAGE_BYTES}-byte limit"
             )
+            holding_back[_item_of(message)] = message.record.event_id
         else:
             pending.append(message)
-    holding_back: dict[str, str] = {}  # FIFO group -> event id of the record the group waits for
     taken_any = False
     while pending:
         call, pending = _next_call(pending, fifo=fifo)
@@ -332,22 +352,39 @@ def send_in_calls(messages: Sequence[OutgoingMessage], send: SendCall, *, fifo: 
         except SinkError as error:
             if not taken_any:
                 raise
-            for message in [*call, *pending]:
-                failed[message.record.event_id] = error
+            own: SinkError = (
+                error
+                if isinstance(error, RetryableSinkError)
+                else CallRefusedError(f"{error} (a call of {len(call)} after others were taken)", detail=error.detail)
+            )
+            for message in call:
+                failed[message.record.event_id] = own
+            for message in pending:
+                failed[message.record.event_id] = NotAttemptedError(
+                    f"{what}: record {message.record.event_id} not sent: an earlier call of the write failed ({error})"
+                )
             break
         for position, message in enumerate(call):
             entry_failure = entry_failures.get(position)
             if entry_failure is None:
                 taken_any = True
                 continue
-            refusal = entry_error(entry_failure, what, message.record.event_id)
-            failed[message.record.event_id] = refusal
-            # A record refused for good is never sent; only one that will be retried must keep its place.
-            if fifo and message.group_id is not None and isinstance(refusal, RetryableSinkError):
-                holding_back[message.group_id] = message.record.event_id
+            failed[message.record.event_id] = entry_error(entry_failure, what, message.record.event_id)
+            holding_back[_item_of(message)] = message.record.event_id
         if holding_back:
             pending = _hold_back(pending, holding_back, failed, what)
     return WriteResult(failed=failed)
+
+
+def _item_of(message: OutgoingMessage) -> str:
+    return message.group_id if message.group_id is not None else message_group_id(message.record)
+
+
+def _held_back(message: OutgoingMessage, waits_for: str, what: str) -> NotAttemptedError:
+    return NotAttemptedError(
+        f"{what}: record {message.record.event_id} held back: record {waits_for}, an earlier change of the same "
+        "item, was not taken"
+    )
 
 
 def _next_call(
@@ -388,14 +425,11 @@ def _hold_back(
 ) -> list[OutgoingMessage]:
     still: list[OutgoingMessage] = []
     for message in pending:
-        waits_for = holding_back.get(message.group_id or "")
+        waits_for = holding_back.get(_item_of(message))
         if waits_for is None:
             still.append(message)
-            continue
-        failed[message.record.event_id] = RetryableSinkError(
-            f"{what}: record {message.record.event_id} held back: record {waits_for} of the same message group "
-            f"was not taken, and a FIFO destination must receive an item's changes in order"
-        )
+        else:
+            failed[message.record.event_id] = _held_back(message, waits_for, what)
     return still
 
 
@@ -418,7 +452,15 @@ def mapped_errors(what: str) -> Iterator[None]:
         code = str(error.get("Code", ""))
         detail = str(error.get("Message", "")) or None
         if code in _MISSING_DESTINATION_CODES:
-            raise PermanentSinkError(f"{what} does not exist or is not visible to these credentials ({code})") from exc
+            raise DestinationUnusableError(
+                f"{what} does not exist or is not visible to these credentials ({code})"
+            ) from exc
+        if code in _FORBIDDEN_CODES:
+            raise DestinationUnusableError(
+                f"{what}: these credentials may not write to it ({code}); grant the permission named in the "
+                "IAM section of the README",
+                detail=detail,
+            ) from exc
         if code in _THROTTLING_CODES or is_retryable(exc):
             raise RetryableSinkError(f"{what}: {code}", detail=detail) from exc
         raise PermanentSinkError(f"{what}: {code}", detail=detail) from exc  # access denied, validation, KMS ...

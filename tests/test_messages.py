@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -15,7 +16,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError, ParamValid
 
 from pipeline.ops.demo import _item
 from pipeline.records import ChangeRecord, change_record_from_stream
-from sinks.base import PermanentSinkError, RetryableSinkError, SinkError
+from sinks.base import CallRefusedError, NotAttemptedError, PermanentSinkError, RetryableSinkError, SinkError
 from sinks.messages import (
     MAX_BATCH_ENTRIES,
     MAX_MESSAGE_BYTES,
@@ -232,15 +233,23 @@ def test_message_size_counts_body_and_attributes() -> None:
 class _RecordingCalls:
     """A batch call that records what it was given and fails the entries `fail` picks."""
 
-    def __init__(self, fail: Mapping[str, EntryFailure] | None = None, raise_on_call: int | None = None) -> None:
+    def __init__(
+        self,
+        fail: Mapping[str, EntryFailure] | None = None,
+        raise_on_call: int | None = None,
+        raise_error: ClientError | None = None,
+    ) -> None:
         self.calls: list[list[OutgoingMessage]] = []
         self._fail = fail or {}
         self._raise_on_call = raise_on_call
+        self._raise_error = raise_error or ClientError(
+            {"Error": {"Code": "ThrottlingException", "Message": "slow down"}}, "SendMessageBatch"
+        )
 
     def __call__(self, call: Sequence[OutgoingMessage]) -> Mapping[int, EntryFailure]:
         self.calls.append(list(call))
         if self._raise_on_call == len(self.calls):
-            raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "slow down"}}, "SendMessageBatch")
+            raise self._raise_error
         return {i: self._fail[m.record.event_id] for i, m in enumerate(call) if m.record.event_id in self._fail}
 
     def event_ids(self) -> list[list[str]]:
@@ -332,12 +341,39 @@ def test_fifo_retryable_failure_holds_back_the_rest_of_its_group_only() -> None:
     assert sent == ["e000", "e001", "e003"]
 
 
-def test_fifo_permanent_failure_does_not_hold_back_its_group() -> None:
-    records = [_padded(0, 10, "a"), _padded(1, 10, "a")]
+def test_a_refusal_holds_back_its_items_later_changes_without_blaming_them() -> None:
+    """A pipeline in block mode must stop before the refused item's next change is sent; in dead-letter mode the
+    writer sends it again at once (NotAttemptedError is never counted against retry.max_attempts)."""
+    records = [_padded(0, 10, "a"), _padded(1, 10, "a"), _padded(2, 10, "b")]
     calls = _RecordingCalls(fail={"e000": EntryFailure("InvalidParameterValue", "no", sender_fault=True)})
     result = send_in_calls(_messages(records, fifo=True), calls, fifo=True, what="queue q.fifo")
-    assert list(result.failed) == ["e000"]
-    assert calls.event_ids() == [["e000"], ["e001"]]
+    assert isinstance(result.failed["e000"], PermanentSinkError)
+    assert isinstance(result.failed["e001"], NotAttemptedError)
+    assert set(result.failed) == {"e000", "e001"}
+    assert [e for call in calls.event_ids() for e in call] == ["e000", "e002"]
+
+    standard = [_padded(0, 10, "a"), _padded(1, 10, "a"), _padded(2, 10, "b")]
+    too_big = _messages(standard, fifo=False)
+    too_big[0] = dataclasses.replace(too_big[0], size=MAX_MESSAGE_BYTES + 1)
+    calls = _RecordingCalls()
+    result = send_in_calls(too_big, calls, fifo=False, what="queue q")
+    assert isinstance(result.failed["e000"], PermanentSinkError)
+    assert isinstance(result.failed["e001"], NotAttemptedError), "the same item's next change was sent"
+    assert calls.event_ids() == [["e002"]]
+
+
+def test_a_call_refused_whole_after_others_were_taken_marks_its_records_for_bisection() -> None:
+    records = [_padded(n, 10) for n in range(25)]
+    calls = _RecordingCalls(
+        raise_on_call=2,
+        raise_error=ClientError(
+            {"Error": {"Code": "InvalidParameterValue", "Message": "no"}, "ResponseMetadata": {"HTTPStatusCode": 400}},
+            "SendMessageBatch",
+        ),
+    )
+    result = send_in_calls(_messages(records, fifo=False), calls, fifo=False, what="queue q")
+    assert all(isinstance(result.failed[r.event_id], CallRefusedError) for r in records[10:20])
+    assert all(isinstance(result.failed[r.event_id], NotAttemptedError) for r in records[20:])
 
 
 def test_a_failed_first_call_fails_the_write_and_a_later_one_fails_only_the_rest() -> None:

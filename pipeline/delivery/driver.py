@@ -6,8 +6,9 @@ parallel, and each sink several calls at a time. Batches complete out of order (
 hot item), but they are handed back in the order they were submitted: a shard's checkpoint is the end of the
 longest prefix of batches that every sink has taken (or dead-lettered), so the checkpoint never passes a record
 some sink still lacks. How much is in flight is bounded (`delivery.max_records_in_flight`, `max_bytes_in_flight`):
-when the window is full, `submit` waits, the queue in front of it fills and the readers wait, so memory stays flat
-however slow a sink is.
+a batch counts from its submission until it is handed back, so batches done behind a slow one still count, and it
+counts every record read for it, also those the pipeline's filter dropped. When the window is full, `submit`
+waits, the queue in front of it fills and the readers wait, so memory stays flat however slow a sink is.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class Ticket:
     batch: Batch
     context: Any
     """What the caller attached (the runner: the positions the batch moves the checkpoint to)."""
+    weight: tuple[int, int] = (0, 0)
+    """Records and bytes it holds of the in-flight window, until it is handed back."""
     submitted_at: float = field(default_factory=time.monotonic)
     done_at: float | None = None
     _left: int = 0
@@ -130,15 +133,20 @@ class Delivery:
 
     # -- in flight ------------------------------------------------------------------------------------------
 
-    def submit(self, batch: Batch, context: Any = None, timeout: float | None = None) -> Ticket | None:
+    def submit(
+        self, batch: Batch, context: Any = None, timeout: float | None = None, read: Batch | None = None
+    ) -> Ticket | None:
         """Hand `batch` to every sink; None when the in-flight window stayed full for `timeout` seconds.
 
+        `read` is what was read for it, when a filter left `batch` smaller: the window counts what was read.
         Each sink's filter, record_transform and projection run here, on the caller's thread; a record_transform
         refusal is dead-lettered here too (or, in block mode, raised before any of the batch is written)."""
         self._raise_lane_error()
-        if not self._window.acquire(len(batch), batch.size_bytes, timeout):
+        counted = read if read is not None else batch
+        weight = (max(len(counted), len(batch)), max(counted.size_bytes, batch.size_bytes))
+        if not self._window.acquire(*weight, timeout):
             return None
-        ticket = Ticket(batch, context)
+        ticket = Ticket(batch, context, weight=weight)
         with self._tickets_lock:
             self._tickets.append(ticket)
         prepared: list[tuple[SinkLanes, Batch]] = []
@@ -174,6 +182,8 @@ class Delivery:
         with self._tickets_lock:
             while self._tickets and self._tickets[0].done:
                 finished.append(self._tickets.popleft())
+        for ticket in finished:
+            self._window.release(*ticket.weight)
         return finished
 
     def wait_done(self, timeout: float) -> None:
@@ -190,6 +200,7 @@ class Delivery:
             self._raise_lane_error()
         with self._tickets_lock:
             self._tickets.remove(ticket)
+        self._window.release(*ticket.weight)
 
     @property
     def in_flight(self) -> int:
@@ -242,14 +253,13 @@ class Delivery:
             if ticket._left > 0:
                 return
             ticket.done_at = time.monotonic()
-        self._window.release(len(ticket.batch), ticket.batch.size_bytes)
         with self._completed:
             self._completed.notify_all()
 
     def _abandon(self, ticket: Ticket) -> None:
         with self._tickets_lock:
             self._tickets.remove(ticket)
-        self._window.release(len(ticket.batch), ticket.batch.size_bytes)
+        self._window.release(*ticket.weight)
 
     def _head_done(self) -> bool:
         with self._tickets_lock:

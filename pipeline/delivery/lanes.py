@@ -51,7 +51,9 @@ class SinkLanes:
         limit = sink.concurrency_limit
         self.concurrency = max(1, min(concurrency, limit) if limit is not None else concurrency)
         self._writer = writer
-        self._keyed = sink.ordering == "key"
+        # Block mode keeps an item on one lane whatever the destination orders: its sink holds back the item's
+        # later changes behind a refusal, so the pipeline stops before any of them is written.
+        self._keyed = sink.ordering == "key" or writer.blocks
         self._chunk = max(1, sink.call_size)
         self._on_error = on_error
         self._queues: list[queue.SimpleQueue[_Part | None]] = []
@@ -59,6 +61,7 @@ class SinkLanes:
         self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._outstanding = 0
+        self._writing = 0
         self._round_robin = itertools.count()
 
     @property
@@ -67,28 +70,34 @@ class SinkLanes:
 
     @property
     def busy(self) -> bool:
-        """Parts queued or being written."""
+        """A write is in progress, or parts wait that will be written: not safe to close the sink. After a stop,
+        waiting parts are never written."""
         with self._lock:
-            return self._outstanding > 0
+            return self._writing > 0 or (self._outstanding > 0 and not self._stopped.is_set())
 
     def submit(self, batch: Batch, expect: Callable[[int], None], done: Callable[[], None]) -> None:
         """Hand `batch` to the lanes. `expect(n)` is told how many parts there are before any is handed out (a
-        part may be written before the next is queued); `done()` is called once per part written."""
-        if not batch.records or self._stopped.is_set():
+        part may be written before the next is queued); `done()` is called once per part written. After a stop
+        the batch is taken as one part that is never written, so its ticket never completes."""
+        if not batch.records:
             return
         parts = self._split(batch.records)
-        expect(len(parts))
-        with self._lock:
+        with self._lock:  # against stop(): no part is queued behind a lane's end-of-work mark
+            if self._stopped.is_set():
+                expect(1)
+                return
+            expect(len(parts))
             self._outstanding += len(parts)
-        for lane, records in parts.items():
-            self._lane(lane).put(_Part(subset(records), done))
+            for lane, records in parts.items():
+                self._lane(lane).put(_Part(subset(records), done))
 
     def stop(self) -> None:
         """No more writes: parts not yet started are dropped (their batches never complete, so no checkpoint
-        passes them); a write in progress finishes or is cut short by a hard stop."""
-        self._stopped.set()
-        for lane in self._queues:
-            lane.put(None)
+        passes them); a write in progress starts no further call, or is cut short by a hard stop."""
+        with self._lock:
+            self._stopped.set()
+            for lane in self._queues:
+                lane.put(None)
 
     def _split(self, records: tuple[ChangeRecord, ...]) -> dict[int, list[ChangeRecord]]:
         lanes = self.concurrency
@@ -117,18 +126,22 @@ class SinkLanes:
 
     def _run(self, work: queue.SimpleQueue[_Part | None]) -> None:
         while (part := work.get()) is not None:
+            with self._lock:
+                start = not self._stopped.is_set()
+                self._writing += start
             try:
-                if not self._stopped.is_set():
-                    self._writer.write(part.batch)
+                if start:
+                    self._writer.write(part.batch, self._stopped)
                     part.done()
             except ShutdownInterruptedError:
-                self._stopped.set()
+                self.stop()
             except BaseException as error:
-                self._stopped.set()
-                self._on_error(error)
+                self._on_error(error)  # records the error before any other sink can see this one stopped
+                self.stop()
             finally:
                 with self._lock:
                     self._outstanding -= 1
+                    self._writing -= start
 
 
 def lane_of(record: ChangeRecord, lanes: int) -> int:

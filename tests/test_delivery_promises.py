@@ -1,15 +1,15 @@
-"""Scenarios in which delivery breaks a promise of the README: each test states the promise and fails while it
-does not hold.
+"""Delivery's promises in the scenarios most likely to break them: a lane stuck on a hot item, a filter that drops
+most records, throttling that lets part of every write through, a call refused whole after others were taken,
+block mode on every kind of destination, and a destination deleted while running.
 
-- the in-flight window bounds memory ("Memory is flat", "memory stays flat however slow a sink is"): batches that
-  completed behind a stuck one stay held but leave the window, and records the pipeline filter drops never count;
-- block mode stops "before any later change of the refused item is written": a FIFO queue and the replica write
-  the refused item's next change in the same write, a standard queue on another lane; and "other items' lanes
-  may finish the calls they had started", but they start new ones;
-- `retry.max_attempts` "bounds only records that keep failing": changes held back behind a throttled one of the
-  same item, and records never sent behind a throttled call, are dead-lettered although none failed twice;
-- "the batch is bisected to isolate them; the rest is delivered": a whole call refused after an earlier call of
-  the same write was taken dead-letters every record of it and of the calls after it.
+- the in-flight window bounds memory ("memory stays flat however slow a sink is"): batches done behind a stuck
+  one still count until handed back, and so do records the pipeline filter drops;
+- block mode stops "before any later change of the refused item is written", for FIFO and standard queues and the
+  replica, and other lanes start no retry once it has;
+- `retry.max_attempts` bounds only records that keep failing: changes held back behind a throttled one of the
+  same item, and records never sent behind a throttled call, are written again, not dead-lettered;
+- a call refused whole after an earlier call of the same write was taken is bisected;
+- a destination gone while running stops delivery naming it; nothing is dead-lettered.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pipeline.retry import RetryPolicy
 from pipeline.runner import Pipeline
 from pipeline.settings import RetrySettings, Settings
 from pipeline.testing.emulator import EmbeddedAws
-from sinks.base import Sink, WriteResult
+from sinks.base import DestinationUnusableError, Sink, WriteResult
 from sinks.dynamodb_table import DynamoDbTableSink, DynamoDbTableSinkSettings
 from sinks.memory import FlakySink
 from sinks.sqs import SqsSink, SqsSinkSettings
@@ -493,7 +493,8 @@ class CallsAfterBlock:
     """The real SQS client, refusing one record as the sender's fault and noting for every other
     SendMessageBatch whether the delivery had already blocked when the call started. The refusal waits until
     another lane's first call has started, and that call waits until the delivery has blocked, so the block
-    lands while it is in flight (each wait at most `patience` seconds)."""
+    lands while it is in flight (each wait at most `patience` seconds); then it is throttled as a whole, so that
+    its lane would retry it."""
 
     def __init__(self, real: Any, refused: str, patience: float = 10.0) -> None:
         self._real = real
@@ -532,16 +533,17 @@ class CallsAfterBlock:
             if first:
                 with contextlib.suppress(AssertionError):
                     wait_until(lambda: delivery.error is not None, timeout=self._patience, what="the block")
+                raise _throttled("SendMessageBatch")
             return attribute(**kwargs)
 
         return call
 
 
 def test_after_a_block_other_lanes_start_no_new_calls(aws: EmbeddedAws, dead_letters: JsonlDeadLetters) -> None:
-    """Block mode: "other items' lanes may finish the calls they had started". The queue refuses one record as
-    the sender's fault while another lane is in the first of its part's two calls; that lane goes on with the
-    second call after the block (and would go on retrying it): a lane is only told to stop between parts, so
-    the FIFO queue receives calls started after the pipeline blocked."""
+    """Block mode: "other items' lanes finish the call they are in and start no retry". The queue refuses one
+    record as the sender's fault while another lane is in the first call of its part; that call is throttled as
+    a whole after the block. A lane told to stop only between parts would retry it (and send the part's second
+    call): the FIFO queue would receive calls started after the pipeline blocked."""
     sqs = aws.client("sqs")
     url = sqs.create_queue(QueueName=unique("changes") + ".fifo", Attributes={"FifoQueue": "true"})["QueueUrl"]
     refused = _change(0, "item-refused")
@@ -563,5 +565,80 @@ def test_after_a_block_other_lanes_start_no_new_calls(aws: EmbeddedAws, dead_let
         assert client.started_after_block == [], (
             f"{len(client.started_after_block)} call(s) started after the pipeline blocked"
         )
+    finally:
+        delivery.stop()
+
+
+def test_block_mode_applies_no_later_change_of_an_item_whose_change_the_replica_cannot_plan(
+    aws: EmbeddedAws, dynamodb: Any, replica: str, dead_letters: JsonlDeadLetters
+) -> None:
+    """A change refused before any call (its image lacks the target table's sort key) must hold back the same
+    item's next change in the write, as a refusal by the table does."""
+    keys = {"pk": {"S": "item-1"}, "sk": {"S": "a"}}
+    unplannable = change_record(
+        sequence=10**20 + 1, event_name="MODIFY", keys=keys, new_image={"pk": {"S": "item-1"}}, event_id="e0001"
+    )
+    next_change = _change(2, "item-1")
+    delivery = Delivery(
+        [_replica_sink(aws, replica)], retry=QUICK, dead_letters=dead_letters, on_failure="block", concurrency=[1]
+    )
+    try:
+        delivery.submit(_batch([unplannable, next_change]))
+        _wait_blocked(delivery)
+        assert unplannable.event_id in str(delivery.error)
+        assert dynamodb.get_item(TableName=replica, Key=keys).get("Item") is None
+    finally:
+        delivery.stop()
+
+
+# -- a destination gone while running -------------------------------------------------------------------------
+
+
+def _wait_failed(delivery: Delivery) -> BaseException:
+    wait_until(lambda: delivery.error is not None, timeout=20, what="the delivery to stop")
+    assert delivery.error is not None
+    return delivery.error
+
+
+def test_a_queue_deleted_while_running_stops_delivery_and_dead_letters_nothing(
+    aws: EmbeddedAws, dead_letters: JsonlDeadLetters
+) -> None:
+    """Every call fails for good once the queue is gone: bisecting would dead-letter the whole stream one record
+    at a time while the checkpoint moves on. It stops instead, naming the queue, with the batch not done."""
+    sqs = aws.client("sqs")
+    url = sqs.create_queue(QueueName=unique("changes"))["QueueUrl"]
+    sink = SqsSink(
+        SqsSinkSettings(type="sqs", queue_url=url),
+        region=aws.region,
+        endpoint_url=aws.endpoint_url,
+        client=pipeline_client(aws, "sqs"),
+    )
+    sink.open()
+    sqs.delete_queue(QueueUrl=url)
+    delivery = Delivery([sink], retry=QUICK, dead_letters=dead_letters, concurrency=[2])
+    try:
+        ticket = delivery.submit(_batch([_change(n, f"item-{n:02d}") for n in range(30)]))
+        error = _wait_failed(delivery)
+        assert isinstance(error, DestinationUnusableError)
+        assert "does not exist" in str(error) and url.rsplit("/", 1)[-1] in str(error)
+        assert ticket is not None and not ticket.done
+        assert _dead_event_ids(dead_letters) == []
+    finally:
+        delivery.stop()
+
+
+def test_a_replica_table_deleted_while_running_stops_delivery_and_dead_letters_nothing(
+    aws: EmbeddedAws, dynamodb: Any, replica: str, dead_letters: JsonlDeadLetters
+) -> None:
+    sink = _replica_sink(aws, replica)
+    dynamodb.delete_table(TableName=replica)
+    delivery = Delivery([sink], retry=QUICK, dead_letters=dead_letters, concurrency=[4])
+    try:
+        ticket = delivery.submit(_batch([_change(n, f"item-{n:02d}") for n in range(12)]))
+        error = _wait_failed(delivery)
+        assert isinstance(error, DestinationUnusableError)
+        assert replica in str(error) and "ResourceNotFoundException" in str(error)
+        assert ticket is not None and not ticket.done
+        assert _dead_event_ids(dead_letters) == []
     finally:
         delivery.stop()
