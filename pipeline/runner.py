@@ -28,7 +28,7 @@ from pipeline.delivery.filters import compile_filter
 from pipeline.ops.metrics import MetricsServer, PipelineMetrics
 from pipeline.ops.view import PipelineStats
 from pipeline.retry import RetryPolicy, ShutdownInterruptedError
-from pipeline.settings import Settings
+from pipeline.settings import Settings, resolve_locations
 from pipeline.source.reader import ShardPage, ShardReader, StartPosition, TrimmedDataError
 from pipeline.source.scheduler import PollScheduler
 from pipeline.source.stream import (
@@ -72,7 +72,8 @@ class Pipeline:
         sinks: Sequence[Sink] | None = None,
         clients: AwsClients | None = None,
     ) -> None:
-        self.settings = settings
+        # Settings built in code rather than by load_settings get their inherited regions and endpoints here.
+        self.settings = settings = resolve_locations(settings)
         source = settings.source
         self.clients = clients or AwsClients(
             source.region, source.endpoint_url, max_pool_connections=settings.reader.poll_workers + 4
@@ -80,7 +81,7 @@ class Pipeline:
         self.sinks: list[Sink] = (
             list(sinks)
             if sinks is not None
-            else [build_sink(s, region=source.region, endpoint_url=source.endpoint_url) for s in settings.sinks]
+            else [build_sink(s, region=self.clients.region, endpoint_url=source.endpoint_url) for s in settings.sinks]
         )
         self._hard_stop = threading.Event()
         self._stopping = threading.Event()
