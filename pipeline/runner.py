@@ -147,7 +147,9 @@ class Pipeline:
         else:
             assert source.table_name is not None
             self.stream_arn = resolve_stream_arn(self.clients.client("dynamodb"), source.table_name, self.source_retry)
-        self._assembler = BatchAssembler(self.settings.batch, table_name_of(self.stream_arn))
+        self._assembler = BatchAssembler(
+            self.settings.batch, table_name_of(self.stream_arn), stream_arn=self.stream_arn
+        )
         self._open_destinations()
         store = self.store = CheckpointStore(
             self.clients.client("dynamodb"),

@@ -266,7 +266,7 @@ def tail(
             for raw in page.records:
                 if stop.is_set():
                     return printed
-                record = change_record_from_stream(raw, table=table, shard_id=page.shard_id)
+                record = change_record_from_stream(raw, table=table, shard_id=page.shard_id, stream_arn=stream_arn)
                 if all(keep(record) for keep in filters):
                     out.write(render(record, fmt, key_names))
                     out.flush()
