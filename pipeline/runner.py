@@ -424,7 +424,9 @@ class Pipeline:
             latest = resolve_stream_arn(self.clients.client("dynamodb"), table, self.source_retry)
         except StreamNotFoundError:
             log.warning(
-                "table %s has no stream enabled now; reading what stream %s still holds", table, self.stream_arn
+                "table %s has no stream enabled now (or no longer exists); reading what stream %s still holds",
+                table,
+                self.stream_arn,
             )
             return
         if latest != self.stream_arn:
