@@ -107,6 +107,16 @@ def test_tail_with_something_that_is_not_a_stream_arn_is_one_line(capsys: pytest
     )
 
 
+def validate_with_variable(tmp_path: Path, variable: str, value: str) -> subprocess.CompletedProcess[str]:
+    """`streamsink validate` of a minimal config, in an environment of its own plus `variable`."""
+    config = tmp_path / "c.toml"
+    config.write_text('[source]\ntable_name = "t"\n[[sinks]]\ntype = "memory"\n')
+    env = {"PATH": "/usr/bin:/bin", "AWS_DEFAULT_REGION": "us-east-1", variable: value}
+    return subprocess.run(
+        [*STREAMSINK, "validate", "--config", str(config)], capture_output=True, text=True, timeout=60, env=env
+    )
+
+
 @pytest.mark.parametrize(
     ("variable", "suggestion"),
     [
@@ -119,12 +129,7 @@ def test_tail_with_something_that_is_not_a_stream_arn_is_one_line(capsys: pytest
 def test_a_variable_that_looks_like_a_setting_but_sets_nothing_is_a_warning_naming_the_form_that_works(
     tmp_path: Path, variable: str, suggestion: str
 ) -> None:
-    config = tmp_path / "c.toml"
-    config.write_text('[source]\ntable_name = "t"\n[[sinks]]\ntype = "memory"\n')
-    env = {"PATH": "/usr/bin:/bin", "AWS_DEFAULT_REGION": "us-east-1", variable: "DEBUG"}
-    done = subprocess.run(
-        [*STREAMSINK, "validate", "--config", str(config)], capture_output=True, text=True, timeout=60, env=env
-    )
+    done = validate_with_variable(tmp_path, variable, "DEBUG")
     assert done.returncode == 0, done.stderr
     assert only_line(done.stderr).startswith(
         f"streamsink: warning: environment variable {variable} configures nothing: {suggestion}"
@@ -133,11 +138,6 @@ def test_a_variable_that_looks_like_a_setting_but_sets_nothing_is_a_warning_nami
 
 
 def test_the_suggested_variable_works_and_is_not_warned_about(tmp_path: Path) -> None:
-    config = tmp_path / "c.toml"
-    config.write_text('[source]\ntable_name = "t"\n[[sinks]]\ntype = "memory"\n')
-    env = {"PATH": "/usr/bin:/bin", "AWS_DEFAULT_REGION": "us-east-1", "STREAMSINK_RUNTIME__LOG_LEVEL": "DEBUG"}
-    done = subprocess.run(
-        [*STREAMSINK, "validate", "--config", str(config)], capture_output=True, text=True, timeout=60, env=env
-    )
+    done = validate_with_variable(tmp_path, "STREAMSINK_RUNTIME__LOG_LEVEL", "DEBUG")
     assert done.returncode == 0 and done.stderr == ""
     assert json.loads(done.stdout)["runtime"]["log_level"] == "DEBUG"
