@@ -40,13 +40,15 @@ def resolve_region(region: str | None, *, setting: str = "source.region") -> str
     from_environment = os.environ.get("AWS_REGION", "").strip()
     if from_environment:
         return from_environment
-    profile = os.environ.get("AWS_PROFILE") or os.environ.get("AWS_DEFAULT_PROFILE")
+    # botocore's order: AWS_DEFAULT_PROFILE wins over AWS_PROFILE.
+    variable = next((name for name in ("AWS_DEFAULT_PROFILE", "AWS_PROFILE") if os.environ.get(name)), None)
+    profile = os.environ[variable] if variable else None
     try:
         found = boto3.session.Session().region_name
     except ProfileNotFound:
         raise NoRegionError(
-            f"{setting}: not set, and profile {profile!r} (AWS_PROFILE) is not in the AWS config files; "
-            f"fix AWS_PROFILE, or set {setting} or AWS_REGION"
+            f"{setting}: not set, and profile {profile!r} ({variable}) is not in the AWS config files; "
+            f"fix {variable}, or set {setting} or AWS_REGION"
         ) from None
     if found:
         return str(found)
@@ -72,9 +74,8 @@ class AwsClients:
     """Builds and caches clients; boto3 clients are thread-safe once built, sessions are not.
 
     `region` None resolves as `resolve_region` does (raising `NoRegionError` when nothing is found).
-
-        `fast_get_records` (on by default) has `dynamodbstreams` clients parse GetRecords bodies with orjson
-        (pipeline.wire): records arrive in wire form, about ten times cheaper than botocore's parser.
+    `fast_get_records` (on by default) has `dynamodbstreams` clients parse GetRecords bodies with orjson
+    (pipeline.wire): records arrive in wire form, about ten times cheaper than botocore's parser.
     """
 
     def __init__(

@@ -359,7 +359,6 @@ def environment_warnings(environ: Mapping[str, str]) -> list[str]:
 
 def _working_forms(rest: str) -> str:
     """`LOG_LEVEL` -> the variables that set a key of that name, e.g. STREAMSINK_RUNTIME__LOG_LEVEL."""
-    prefix = ENV_PREFIX
     wanted = rest.lower().replace("__", "_")
     exact, by_key = [], []
     for section, field in Settings.model_fields.items():
@@ -367,7 +366,7 @@ def _working_forms(rest: str) -> str:
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             continue
         for key in model.model_fields:
-            variable = f"{prefix}{section.upper()}__{key.upper()}"
+            variable = f"{ENV_PREFIX}{section.upper()}__{key.upper()}"
             if wanted == f"{section}_{key}":
                 exact.append(variable)
             elif wanted == key or wanted.endswith(f"_{key}"):
@@ -376,7 +375,7 @@ def _working_forms(rest: str) -> str:
     if found:
         return f"did you mean {' or '.join(found)}?"
     sections = ", ".join(s.upper() for s in Settings.model_fields)
-    return f"use {prefix}<SECTION>__<KEY> (sections: {sections}), e.g. {prefix}BATCH__MAX_RECORDS=500"
+    return f"use {ENV_PREFIX}<SECTION>__<KEY> (sections: {sections}), e.g. {ENV_PREFIX}BATCH__MAX_RECORDS=500"
 
 
 def describe_errors(exc: ValidationError) -> list[str]:
