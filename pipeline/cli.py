@@ -4,35 +4,56 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
 
+from pipeline.aws import STREAM_ARN_FORM
 from pipeline.ops.console import StatusLine, configure_logging
 from pipeline.ops.demo import run_demo
 from pipeline.ops.status import run_status
 from pipeline.ops.tail import run_tail
 from pipeline.runner import Pipeline
-from pipeline.settings import ConfigError, Settings, load_settings
+from pipeline.settings import ConfigError, Settings, environment_warnings, load_settings
+from pipeline.testing.emulator import EmulatorUnavailableError
+from pipeline.version import version
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamsink", description="DynamoDB Streams replication pipeline.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"streamsink {version()}", help="print the version")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of:")
     run = commands.add_parser("run", help="run the pipeline until SIGINT/SIGTERM")
     run.add_argument("--config", required=True, help="TOML file; STREAMSINK_<SECTION>__<KEY> env vars override")
-    check = commands.add_parser("validate", help="check a config file and print it resolved")
-    check.add_argument("--config", required=True)
+    check = commands.add_parser("validate", help="check a config file and print it as it will run")
+    check.add_argument(
+        "--config",
+        required=True,
+        help="TOML file to check; printed with environment overrides applied and inherited regions and endpoints "
+        "filled in",
+    )
     demo = commands.add_parser("demo", help="run end to end against an embedded AWS stand-in (moto)")
     demo.add_argument("--changes", type=int, default=200, help="items to insert (updates and deletes follow)")
     tail = commands.add_parser("tail", help="print a table's changes as they happen (read-only, no checkpoints)")
     stream = tail.add_mutually_exclusive_group(required=True)
     stream.add_argument("--table", help="follow this table's latest stream")
-    stream.add_argument("--stream-arn", help="follow this stream")
-    tail.add_argument("--from", dest="start", choices=("latest", "trim-horizon"), default="latest")
-    tail.add_argument("--format", choices=("summary", "record", "json"), default="summary")
+    stream.add_argument("--stream-arn", help=f"follow this stream ({STREAM_ARN_FORM})")
+    tail.add_argument(
+        "--from",
+        dest="start",
+        choices=("latest", "trim-horizon"),
+        default="latest",
+        help="latest (default): changes from now on; trim-horizon: also everything the stream still holds (24 hours)",
+    )
+    tail.add_argument(
+        "--format",
+        choices=("summary", "record", "json"),
+        default="summary",
+        help="summary (default): one line per change; record: with its images; json: the SQS/SNS `change` body",
+    )
     tail.add_argument("--limit", type=_positive_int, metavar="N", help="stop after N changes")
     tail.add_argument(
         "--filter",
@@ -41,10 +62,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="EXPR",
         help="e.g. 'event=MODIFY key.pk^=customer#'; repeatable",
     )
-    tail.add_argument("--region")
-    tail.add_argument("--endpoint-url")
+    tail.add_argument(
+        "--region",
+        help="AWS region; default: the stream ARN's, else AWS_REGION, AWS_DEFAULT_REGION or the profile's",
+    )
+    tail.add_argument("--endpoint-url", metavar="URL", help="an AWS-compatible endpoint (moto, LocalStack)")
     status = commands.add_parser("status", help="each shard's state, checkpoint and lag (read-only)")
-    status.add_argument("--config", required=True)
+    status.add_argument("--config", required=True, help="the pipeline's TOML file (its source and checkpoint table)")
     status.add_argument("--json", action="store_true", help="a JSON document instead of a table")
     status.add_argument(
         "--count-behind",
@@ -68,6 +92,8 @@ def _positive_int(text: str) -> int:
 
 
 def _settings(path: str) -> Settings | None:
+    for line in environment_warnings(os.environ):
+        print(f"streamsink: warning: {line}", file=sys.stderr)
     try:
         return load_settings(path)
     except ConfigError as exc:
@@ -87,8 +113,8 @@ def run(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    pipeline = Pipeline(settings)
     try:
+        pipeline = Pipeline(settings)
         pipeline.start()
     except Exception as exc:
         print(f"streamsink: cannot start: {exc}", file=sys.stderr)
@@ -109,7 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
         configure_logging("WARNING", "text")
-        return run_demo(changes=args.changes)
+        try:
+            return run_demo(changes=args.changes)
+        except EmulatorUnavailableError as exc:
+            print(f"streamsink: demo: {exc}", file=sys.stderr)
+            return 1
     if args.command == "tail":
         return run_tail(
             table_name=args.table,

@@ -66,6 +66,9 @@ class ChangeRecord:
     size_bytes: int
     user_identity: UserIdentity | None
     raw: Mapping[str, Any]
+    stream_arn: str | None = None
+    """The stream the record was read from (GetRecords does not repeat it in each record); Lambda's
+    `eventSourceARN`. None for a record built without one (a test's, a user's)."""
 
     @property
     def sequence(self) -> int:
@@ -462,10 +465,12 @@ def _as_utc(value: Any) -> datetime:
     return datetime.fromtimestamp(float(value), UTC)
 
 
-def change_record_from_stream(raw: Mapping[str, Any], *, table: str, shard_id: str) -> ChangeRecord:
-    """Build a ChangeRecord from one element of GetRecords' `Records` list."""
+def change_record_from_stream(
+    raw: Mapping[str, Any], *, table: str, shard_id: str, stream_arn: str | None = None
+) -> ChangeRecord:
+    """Build a ChangeRecord from one element of GetRecords' `Records` list, read from `stream_arn`."""
     if type(raw) is WireRecord:
-        return _change_record_from_wire(raw, table, shard_id)
+        return _change_record_from_wire(raw, table, shard_id, stream_arn)
     ddb = raw["dynamodb"]
     new_image = ddb.get("NewImage")
     old_image = ddb.get("OldImage")
@@ -486,10 +491,11 @@ def change_record_from_stream(raw: Mapping[str, Any], *, table: str, shard_id: s
         if identity is None
         else UserIdentity(type=identity["Type"], principal_id=identity["PrincipalId"]),
         raw=raw,
+        stream_arn=stream_arn,
     )
 
 
-def _change_record_from_wire(raw: WireRecord, table: str, shard_id: str) -> ChangeRecord:
+def _change_record_from_wire(raw: WireRecord, table: str, shard_id: str, stream_arn: str | None) -> ChangeRecord:
     stream = raw.dynamodb
     identity = raw.user_identity
     return ChangeRecord(
@@ -507,6 +513,7 @@ def _change_record_from_wire(raw: WireRecord, table: str, shard_id: str) -> Chan
         if identity is None
         else UserIdentity(type=identity["Type"], principal_id=identity["PrincipalId"]),
         raw=raw,
+        stream_arn=stream_arn,
     )
 
 

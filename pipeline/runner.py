@@ -28,7 +28,7 @@ from pipeline.delivery.filters import compile_filter
 from pipeline.ops.metrics import MetricsServer, PipelineMetrics
 from pipeline.ops.view import PipelineStats
 from pipeline.retry import RetryPolicy, ShutdownInterruptedError
-from pipeline.settings import Settings
+from pipeline.settings import Settings, resolve_locations
 from pipeline.source.reader import ShardPage, ShardReader, StartPosition, TrimmedDataError
 from pipeline.source.scheduler import PollScheduler
 from pipeline.source.stream import (
@@ -72,7 +72,8 @@ class Pipeline:
         sinks: Sequence[Sink] | None = None,
         clients: AwsClients | None = None,
     ) -> None:
-        self.settings = settings
+        # Settings built in code rather than by load_settings get their inherited regions and endpoints here.
+        self.settings = settings = resolve_locations(settings)
         source = settings.source
         self.clients = clients or AwsClients(
             source.region, source.endpoint_url, max_pool_connections=settings.reader.poll_workers + 4
@@ -80,7 +81,7 @@ class Pipeline:
         self.sinks: list[Sink] = (
             list(sinks)
             if sinks is not None
-            else [build_sink(s, region=source.region, endpoint_url=source.endpoint_url) for s in settings.sinks]
+            else [build_sink(s, region=self.clients.region, endpoint_url=source.endpoint_url) for s in settings.sinks]
         )
         self._hard_stop = threading.Event()
         self._stopping = threading.Event()
@@ -146,7 +147,9 @@ class Pipeline:
         else:
             assert source.table_name is not None
             self.stream_arn = resolve_stream_arn(self.clients.client("dynamodb"), source.table_name, self.source_retry)
-        self._assembler = BatchAssembler(self.settings.batch, table_name_of(self.stream_arn))
+        self._assembler = BatchAssembler(
+            self.settings.batch, table_name_of(self.stream_arn), stream_arn=self.stream_arn
+        )
         self._open_destinations()
         store = self.store = CheckpointStore(
             self.clients.client("dynamodb"),
@@ -421,7 +424,9 @@ class Pipeline:
             latest = resolve_stream_arn(self.clients.client("dynamodb"), table, self.source_retry)
         except StreamNotFoundError:
             log.warning(
-                "table %s has no stream enabled now; reading what stream %s still holds", table, self.stream_arn
+                "table %s has no stream enabled now (or no longer exists); reading what stream %s still holds",
+                table,
+                self.stream_arn,
             )
             return
         if latest != self.stream_arn:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -16,11 +17,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from pipeline.aws import STREAM_ARN_FORM, NoRegionError, is_stream_arn, resolve_region
 from pipeline.delivery.filters import FilterSettings
 from pipeline.object_names import normalized_prefix
 from sinks.registry import SINK_TYPES, SinkConfig
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
+ENV_PREFIX = "STREAMSINK_"
 
 
 class SourceSettings(BaseModel):
@@ -42,7 +45,11 @@ class SourceSettings(BaseModel):
         description="For starting_position = 'AT_TIMESTAMP': an ISO 8601 time with its offset, e.g. "
         "2026-11-30T08:00:00Z. Whole seconds count: DynamoDB rounds creation times down to the second.",
     )
-    region: str = "us-east-1"
+    region: str | None = Field(
+        default=None,
+        description="Unset: AWS_REGION, AWS_DEFAULT_REGION or the profile's region, as AWS tools resolve it. Also "
+        "the default of the checkpoint table, every sink and the dead-letter destination.",
+    )
     endpoint_url: str | None = Field(default=None, description="Any AWS-compatible endpoint (moto, LocalStack).")
     on_trimmed_data: Literal["fail", "skip_to_trim_horizon"] = Field(
         default="fail",
@@ -70,8 +77,8 @@ class SourceSettings(BaseModel):
                 "source.starting_timestamp: give the time with its offset, e.g. 2026-11-30T08:00:00Z or "
                 "2026-11-30T09:00:00+01:00"
             )
-        if self.stream_arn is not None and ":table/" not in self.stream_arn:
-            raise ValueError("source.stream_arn must look like arn:aws:dynamodb:REGION:ACCOUNT:table/NAME/stream/LABEL")
+        if self.stream_arn is not None and not is_stream_arn(self.stream_arn):
+            raise ValueError(f"source.stream_arn must look like {STREAM_ARN_FORM}")
         return self
 
 
@@ -235,7 +242,7 @@ class Settings(BaseSettings):
     """The root of a streamsink configuration."""
 
     model_config = SettingsConfigDict(
-        env_prefix="STREAMSINK_", env_nested_delimiter="__", frozen=True, extra="forbid", case_sensitive=False
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", frozen=True, extra="forbid", case_sensitive=False
     )
 
     source: SourceSettings
@@ -275,21 +282,100 @@ class ConfigError(Exception):
 
 
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
-    """Read `path` (TOML) if given, apply environment overrides, validate."""
+    """Read `path` (TOML) if given, apply environment overrides, validate, and fill in what is inherited
+    (`resolve_locations`): the result is the configuration as it runs."""
     data: dict[str, Any] = {}
     if path is not None:
-        file = Path(path)
-        try:
-            data = tomllib.loads(file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError([f"config file {str(file)!r} not found"]) from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError([f"{file}: not valid TOML: {exc}"]) from None
+        data = _read_toml(Path(path))
     data.update(overrides)
     try:
-        return Settings(**data)
+        settings = Settings(**data)
     except ValidationError as exc:
         raise ConfigError(describe_errors(exc)) from None
+    try:
+        return resolve_locations(settings)
+    except NoRegionError as exc:
+        raise ConfigError([str(exc)]) from None
+
+
+def _read_toml(file: Path) -> dict[str, Any]:
+    name = repr(str(file))
+    try:
+        return tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"config file {name} not found"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"config file {name} is a directory; give the path of a TOML file in it"]) from None
+    except PermissionError:
+        raise ConfigError([f"config file {name} cannot be read: permission denied"]) from None
+    except UnicodeDecodeError as exc:
+        where = f"byte {exc.start} is {exc.object[exc.start]:#04x}"
+        raise ConfigError([f"config file {name} is not UTF-8 text ({where}); save it as UTF-8"]) from None
+    except OSError as exc:
+        raise ConfigError([f"config file {name} cannot be read: {exc.strerror or exc}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{file}: not valid TOML: {exc}"]) from None
+
+
+def resolve_locations(settings: Settings) -> Settings:
+    """The settings as they run: `source.region` resolved as AWS tools resolve it when unset (`NoRegionError` when
+    nothing is found), and every sink and the dead-letter destination given the source's region and endpoint
+    where they set none. Idempotent.
+
+    Done once, here, so that `streamsink validate` prints what `run` will use and no client builder has a default
+    of its own. An endpoint left null everywhere means the service's own AWS endpoint for the region."""
+    source = settings.source
+    region = resolve_region(source.region)
+
+    def located(own_region: str | None, own_endpoint: str | None) -> dict[str, Any]:
+        return {"region": own_region or region, "endpoint_url": own_endpoint or source.endpoint_url}
+
+    dead_letter = settings.dead_letter
+    return settings.model_copy(
+        update={
+            "source": source.model_copy(update={"region": region}),
+            "sinks": [sink.model_copy(update=located(sink.region, sink.endpoint_url)) for sink in settings.sinks],
+            "dead_letter": dead_letter.model_copy(update=located(dead_letter.region, dead_letter.endpoint_url)),
+        }
+    )
+
+
+def environment_warnings(environ: Mapping[str, str]) -> list[str]:
+    """One line per `STREAMSINK_*` variable that configures nothing, naming the form that would.
+
+    pydantic-settings reads `STREAMSINK_<SECTION>` (a JSON value) and `STREAMSINK_<SECTION>__<KEY>...`; any other
+    name is ignored without a word, so `STREAMSINK_LOG_LEVEL=DEBUG` would look set and do nothing. (A wrong key
+    under a right section, `STREAMSINK_BATCH__MAX_RECORDZ`, is already an error naming the key.)"""
+    lines = []
+    for name in sorted(environ):
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :]
+        if rest.split("__", 1)[0].lower() in Settings.model_fields:
+            continue
+        lines.append(f"environment variable {name} configures nothing: {_working_forms(rest)}")
+    return lines
+
+
+def _working_forms(rest: str) -> str:
+    """`LOG_LEVEL` -> the variables that set a key of that name, e.g. STREAMSINK_RUNTIME__LOG_LEVEL."""
+    wanted = rest.lower().replace("__", "_")
+    exact, by_key = [], []
+    for section, field in Settings.model_fields.items():
+        model = _unwrap_optional(field.annotation)
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        for key in model.model_fields:
+            variable = f"{ENV_PREFIX}{section.upper()}__{key.upper()}"
+            if wanted == f"{section}_{key}":
+                exact.append(variable)
+            elif wanted == key or wanted.endswith(f"_{key}"):
+                by_key.append(variable)
+    found = exact or by_key
+    if found:
+        return f"did you mean {' or '.join(found)}?"
+    sections = ", ".join(s.upper() for s in Settings.model_fields)
+    return f"use {ENV_PREFIX}<SECTION>__<KEY> (sections: {sections}), e.g. {ENV_PREFIX}BATCH__MAX_RECORDS=500"
 
 
 def describe_errors(exc: ValidationError) -> list[str]:

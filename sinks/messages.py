@@ -6,8 +6,10 @@ Two body formats:
 - `change`: plain JSON of the unmarshalled change, numbers exact (every digit DynamoDB sent, never a float),
   binary as base64, sets as sorted arrays.
 - `dynamodb`: the stream record exactly as AWS Lambda delivers it in a DynamoDB event, so a consumer that
-  already parses `{"Records": [...]}` events (e.g. powertools' `DynamoDBStreamEvent`) can read each body as one
-  record. Lambda's `eventSourceARN` is not included: a change record does not carry the stream ARN.
+  already parses `{"Records": [...]}` events (powertools' `DynamoDBStreamEvent`, or its strict pydantic
+  `DynamoDBStreamModel`, which requires every field Lambda sends) can read each body as one record. GetRecords
+  does not repeat the stream ARN in each record; the pipeline puts it on the record (`ChangeRecord.stream_arn`)
+  and it becomes Lambda's `eventSourceARN`.
 
 FIFO ordering: a message group is one item (table + key), so changes to one item arrive in stream order. A
 batch call carries at most one message per group, and a group whose message was not taken holds back the rest
@@ -30,7 +32,7 @@ from typing import Any, Generic, Literal, TypeVar
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import Field
 
-from pipeline.aws import AwsClients
+from pipeline.aws import AwsClients, region_of_arn
 from pipeline.errors import is_retryable
 from pipeline.records import Batch, ChangeRecord, to_json_bytes
 from sinks.base import (
@@ -105,9 +107,12 @@ def lambda_record(record: ChangeRecord) -> dict[str, Any]:
         "eventVersion": raw.get("eventVersion", "1.1"),
         "eventSource": "aws:dynamodb",
     }
-    if "awsRegion" in raw:
-        event["awsRegion"] = raw["awsRegion"]
+    region = raw.get("awsRegion") or region_of_arn(record.stream_arn)
+    if region:
+        event["awsRegion"] = region
     event["dynamodb"] = stream_record
+    if record.stream_arn is not None:
+        event["eventSourceARN"] = record.stream_arn
     if record.user_identity is not None:
         # Lambda spells these in camel case; GetRecords says Type / PrincipalId.
         event["userIdentity"] = {"type": record.user_identity.type, "principalId": record.user_identity.principal_id}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,6 +16,10 @@ import s3fs
 
 from pipeline.settings import Settings, load_settings
 from pipeline.testing.emulator import EmbeddedAws, create_stream_table
+
+# A region, as a configured AWS CLI gives one, so that configs which leave source.region unset load here as they
+# would on an operator's machine (subprocesses inherit it). Tests of region resolution set their own environment.
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 
 @pytest.fixture(scope="session")

@@ -78,6 +78,13 @@ def page(
     return ShardPage(shard_id, tuple(records), size_bytes, end_of_shard)
 
 
+def stream_arn_of(table: str, region: str = "us-east-1") -> str:
+    """A stream ARN of `table`, as DescribeTable's LatestStreamArn names it."""
+    return f"arn:aws:dynamodb:{region}:123456789012:table/{table}/stream/2024-01-01T00:00:00.000"
+
+
 def change_record(*, table: str = "orders", shard_id: str = "shardId-0001", **fields: Any) -> ChangeRecord:
-    """An unmarshalled record; `fields` are stream_record's keyword arguments."""
-    return change_record_from_stream(stream_record(**fields), table=table, shard_id=shard_id)
+    """An unmarshalled record read from `table`'s stream; `fields` are stream_record's keyword arguments."""
+    return change_record_from_stream(
+        stream_record(**fields), table=table, shard_id=shard_id, stream_arn=stream_arn_of(table)
+    )

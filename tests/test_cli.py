@@ -54,7 +54,7 @@ def test_a_bad_config_exits_2_with_one_line_naming_the_key(tmp_path: Path, body:
 def test_environment_overrides_the_file(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text('[source]\ntable_name = "t"\n[batch]\nmax_records = 5\n[[sinks]]\ntype = "memory"\n')
-    env = {"STREAMSINK_BATCH__MAX_RECORDS": "77", "PATH": "/usr/bin:/bin"}
+    env = {"STREAMSINK_BATCH__MAX_RECORDS": "77", "AWS_DEFAULT_REGION": "us-east-1", "PATH": "/usr/bin:/bin"}
     done = subprocess.run(
         [*STREAMSINK, "validate", "--config", str(config)], capture_output=True, text=True, timeout=60, env=env
     )

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from aws_lambda_powertools.utilities.data_classes.dynamo_db_stream_event import DynamoDBStreamEvent
+from aws_lambda_powertools.utilities.parser.models import DynamoDBStreamModel, DynamoDBStreamRecordModel
 from botocore.exceptions import ClientError, EndpointConnectionError, ParamValidationError
 
 from pipeline.ops.demo import _item
@@ -31,7 +32,7 @@ from sinks.messages import (
     message_group_id,
     send_in_calls,
 )
-from tests.factories import change_record, ttl_identity
+from tests.factories import change_record, stream_arn_of, stream_record, ttl_identity
 
 PRECISE = Decimal("1234567890123456789012345678.9012345678")
 
@@ -118,7 +119,9 @@ def test_change_body_has_null_images_the_event_does_not_carry() -> None:
 def test_dynamodb_body_is_the_wire_form_whether_raw_came_from_boto3_or_wire_json() -> None:
     parsed_by_boto3 = _order_record(3)
     raw = parsed_by_boto3.raw
-    from_wire = change_record_from_stream(_wire_json(raw), table="orders", shard_id="shardId-0001")
+    from_wire = change_record_from_stream(
+        _wire_json(raw), table="orders", shard_id="shardId-0001", stream_arn=stream_arn_of("orders")
+    )
     assert isinstance(raw["dynamodb"]["NewImage"]["blob"]["B"], bytes)
     assert isinstance(from_wire.raw["dynamodb"]["NewImage"]["blob"]["B"], str)
 
@@ -140,6 +143,7 @@ def test_dynamodb_body_is_the_wire_form_whether_raw_came_from_boto3_or_wire_json
             "SizeBytes": 100,
             "StreamViewType": "NEW_AND_OLD_IMAGES",
         },
+        "eventSourceARN": stream_arn_of("orders"),
     }
     assert event["dynamodb"]["NewImage"]["chunks"] == {"BS": ["AA==", "Aw=="]}
     assert event["dynamodb"]["NewImage"]["precise"] == {"N": str(PRECISE)}
@@ -174,6 +178,40 @@ def test_dynamodb_body_parses_unchanged_with_powertools() -> None:
             assert str(stream.new_image["precise"]) == str(PRECISE)
         if record.old_image is not None:
             assert stream.old_image == _as_lambda_consumers_see(dict(record.old_image))
+
+
+def test_dynamodb_body_validates_with_powertools_strict_pydantic_model() -> None:
+    """powertools' parser models require every field Lambda sends (eventSourceARN, awsRegion, a numeric
+    eventVersion, SizeBytes, StreamViewType): each body, and an event of bodies, validates and reads back."""
+    records = [
+        _order_record(21, "INSERT"),
+        _order_record(22, "MODIFY"),
+        _order_record(23, "REMOVE"),
+        change_record(event_name="REMOVE", user_identity=ttl_identity(), sequence=24),
+    ]
+    bodies = [message_body(r, "dynamodb") for r in records]
+    for record, body in zip(records, bodies, strict=True):
+        parsed = DynamoDBStreamRecordModel.model_validate_json(body)
+        assert parsed.eventID == record.event_id and parsed.eventName == record.event_name
+        assert parsed.eventSourceARN == stream_arn_of("orders")
+        assert parsed.awsRegion == "us-east-1"
+        assert parsed.dynamodb.SequenceNumber == record.sequence_number
+        assert parsed.dynamodb.Keys == _as_lambda_consumers_see(dict(record.keys))
+        if record.new_image is not None:
+            assert parsed.dynamodb.NewImage == _as_lambda_consumers_see(dict(record.new_image))
+    event = DynamoDBStreamModel.model_validate({"Records": [json.loads(body) for body in bodies]})
+    assert [r.eventID for r in event.Records] == [r.event_id for r in records]
+    assert event.Records[-1].userIdentity is not None
+    assert event.Records[-1].userIdentity.principalId == "dynamodb.amazonaws.com"
+
+
+def test_dynamodb_body_takes_the_region_from_the_stream_arn_when_the_record_has_none() -> None:
+    raw = stream_record(event_name="INSERT")
+    del raw["awsRegion"]
+    record = change_record_from_stream(
+        raw, table="orders", shard_id="s", stream_arn=stream_arn_of("orders", "eu-west-3")
+    )
+    assert DynamoDBStreamRecordModel.model_validate_json(message_body(record, "dynamodb")).awsRegion == "eu-west-3"
 
 
 def test_ttl_deletes_carry_user_identity_as_lambda_spells_it() -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from aws_lambda_powertools.utilities.data_classes.dynamo_db_stream_event import DynamoDBStreamEvent
+from aws_lambda_powertools.utilities.parser.models import DynamoDBStreamModel
 from botocore.exceptions import ClientError
 
 from pipeline.aws import AwsClients
@@ -22,7 +23,7 @@ from sinks.base import PermanentSinkError, RetryableSinkError
 from sinks.messages import MAX_MESSAGE_BYTES, message_group_id
 from sinks.sqs import SqsSink, SqsSinkSettings
 from tests.conftest import stream_records, unique, wait_until
-from tests.factories import change_record, ttl_identity
+from tests.factories import change_record, stream_arn_of, ttl_identity
 
 PRECISE = Decimal("1234567890123456789012345678.9012345678")
 
@@ -196,8 +197,13 @@ def wire(image: Mapping[str, Any]) -> Any:
 
 
 def assert_parses_with_powertools(bodies: Sequence[dict[str, Any]], sources: Sequence[Mapping[str, Any]]) -> None:
-    """Each body, read as a Lambda event record, yields the source stream record's keys and images unchanged."""
+    """Each body, read as a Lambda event record, yields the source stream record's keys and images unchanged,
+    through powertools' lenient data class and through its strict pydantic model (every field Lambda sends)."""
     by_id = {source["eventID"]: source["dynamodb"] for source in sources}
+    strict = DynamoDBStreamModel.model_validate({"Records": list(bodies)})
+    assert sorted(r.eventID for r in strict.Records) == sorted(by_id)
+    for model in strict.Records:
+        assert model.dynamodb.Keys == {k: consumer_view(v) for k, v in by_id[model.eventID]["Keys"].items()}
     parsed_records = list(DynamoDBStreamEvent({"Records": list(bodies)}).records)
     assert len(parsed_records) == len(sources)
     for parsed in parsed_records:
@@ -271,6 +277,7 @@ def test_dynamodb_bodies_arrive_as_lambda_records_and_parse_with_powertools(
             "eventSource": "aws:dynamodb",
             "awsRegion": "us-east-1",
             "dynamodb": expected_stream,
+            "eventSourceARN": stream_arn_of("orders"),
         }
         if record.user_identity is not None:
             expected["userIdentity"] = {"type": "Service", "principalId": "dynamodb.amazonaws.com"}
@@ -509,5 +516,8 @@ def test_the_pipeline_delivers_every_change_and_dead_letters_the_one_too_big(
     expected_ids = sorted(r["eventID"] for r in truth if r is not too_big)
     assert sorted(b["eventID"] for b in bodies) == expected_ids and len(bodies) == len(truth) - 1 == 16
     assert [b["eventName"] for b in bodies].count("REMOVE") == 1
+    # The stream the pipeline read, as Lambda names it in every record.
+    stream_arn = dynamodb.describe_table(TableName=table)["Table"]["LatestStreamArn"]
+    assert {b["eventSourceARN"] for b in bodies} == {stream_arn}
 
     assert_parses_with_powertools(bodies, [r for r in truth if r is not too_big])

@@ -7,7 +7,6 @@ from typing import Any
 
 import boto3
 import pytest
-from botocore.exceptions import ClientError
 from botocore.stub import Stubber
 
 from pipeline.retry import RetryPolicy
@@ -255,8 +254,13 @@ def test_describe_shards_retries_throttling(streams: tuple[Any, Stubber], retry:
 def test_describe_shards_does_not_retry_a_missing_stream(streams: tuple[Any, Stubber], retry: RetryPolicy) -> None:
     client, stubber = streams
     stubber.add_client_error("describe_stream", "ResourceNotFoundException", http_status_code=400)
-    with pytest.raises(ClientError, match="ResourceNotFoundException"):
+    with pytest.raises(StreamNotFoundError) as raised:
         describe_shards(client, STREAM_ARN, retry)
+    # One line naming the stream and where it was looked for, not botocore's "(reached max retries: 0)".
+    assert str(raised.value) == (
+        f"stream {STREAM_ARN} not found in region us-east-1 at https://streams.dynamodb.us-east-1.amazonaws.com; "
+        "check the stream ARN, the region and the endpoint"
+    )
 
 
 def test_resolve_stream_arn_of_a_table_with_a_stream(dynamodb: tuple[Any, Stubber], retry: RetryPolicy) -> None:

@@ -99,16 +99,26 @@ class _OpenBatch:
 class BatchAssembler:
     """Turns queued pages into closed batches. Used from the delivery thread only."""
 
-    def __init__(self, settings: BatchSettings, table: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        settings: BatchSettings,
+        table: str,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        stream_arn: str | None = None,
+    ) -> None:
         self._settings = settings
         self._table = table
+        self._stream_arn = stream_arn
         self._clock = clock
         self._open = _OpenBatch()
 
     def add(self, page: ShardPage) -> list[ClosedBatch]:
         closed: list[ClosedBatch] = []
         for raw in page.records:
-            record = change_record_from_stream(raw, table=self._table, shard_id=page.shard_id)
+            record = change_record_from_stream(
+                raw, table=self._table, shard_id=page.shard_id, stream_arn=self._stream_arn
+            )
             if self._open.records and self._open.size_bytes + record.size_bytes > self._settings.max_bytes:
                 closed.append(self._close())  # max_bytes is a ceiling: a sink may have a hard size cap
             current = self._open

@@ -12,6 +12,8 @@ idle (its last poll came back empty and everything read is checkpointed) is heal
 
 from __future__ import annotations
 
+import errno
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -208,13 +210,33 @@ def _counter(name: str, help_text: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, help_text, value=value)
 
 
+class MetricsServerError(Exception):
+    """The metrics server cannot listen where `[metrics]` says; the message names the key and the fix."""
+
+
+def _listen_error(host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"metrics.port = {port}: {host}:{port} is already in use (by another streamsink or another program); "
+            "choose a free port, or 0 for any free one"
+        )
+    if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) or isinstance(exc, socket.gaierror):
+        return f"metrics.host = {host!r}: not an address of this machine; use 0.0.0.0, 127.0.0.1 or one of its own"
+    if exc.errno == errno.EACCES:
+        return f"metrics.port = {port}: not allowed to listen on {host}:{port}; use a port above 1023"
+    return f"metrics.port = {port}: cannot listen on {host}:{port}: {exc.strerror or exc}"
+
+
 class MetricsServer:
     """`/metrics` (Prometheus text format) and `/healthz` (200 or 503 with reasons) on a background thread."""
 
     def __init__(self, metrics: PipelineMetrics, host: str, port: int) -> None:
         self._metrics = metrics
         handler = _handler_for(metrics)
-        self._server = ThreadingHTTPServer((host, port), handler)
+        try:
+            self._server = ThreadingHTTPServer((host, port), handler)
+        except OSError as exc:
+            raise MetricsServerError(_listen_error(host, port, exc)) from None
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
 

@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Literal, TextIO
 
-import boto3
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
-from pipeline.aws import AwsClients
+from pipeline.aws import STREAM_ARN_FORM, AwsClients, NoRegionError, is_stream_arn, region_of_arn, resolve_region
 from pipeline.delivery.filters import FilterSyntaxError, compile_filter, parse_filter
 from pipeline.records import ChangeRecord, change_record_from_stream, to_json
 from pipeline.retry import RetryPolicy
@@ -267,7 +266,7 @@ def tail(
             for raw in page.records:
                 if stop.is_set():
                     return printed
-                record = change_record_from_stream(raw, table=table, shard_id=page.shard_id)
+                record = change_record_from_stream(raw, table=table, shard_id=page.shard_id, stream_arn=stream_arn)
                 if all(keep(record) for keep in filters):
                     out.write(render(record, fmt, key_names))
                     out.flush()
@@ -285,12 +284,6 @@ def tail(
 
 
 # -- the command -----------------------------------------------------------------------------------------------
-
-
-def _region_of(stream_arn: str | None) -> str | None:
-    """arn:aws:dynamodb:REGION:... -> REGION"""
-    parts = (stream_arn or "").split(":")
-    return parts[3] if len(parts) > 3 and parts[3] else None
 
 
 def _error_text(exc: BaseException, table_name: str | None, stream_arn: str | None) -> str:
@@ -334,16 +327,25 @@ def run_tail(
     out: TextIO | None = None,
 ) -> int:
     """The `streamsink tail` command: exit 0 on --limit, SIGINT, SIGTERM or a closed pipe; 1 when the stream
-    cannot be read; 2 for a bad --filter."""
+    cannot be read; 2 for a bad --filter or --stream-arn, or no region."""
     out = out or sys.stdout
     try:
         keep = [compile_filter(parse_filter(expression)).admits for expression in filters]
     except FilterSyntaxError as exc:
         print(f"streamsink: tail: --filter {exc}", file=sys.stderr)
         return 2
-    clients = AwsClients(
-        region or _region_of(stream_arn) or boto3.session.Session().region_name or "us-east-1", endpoint_url
-    )
+    if stream_arn is not None and not is_stream_arn(stream_arn):
+        print(
+            f"streamsink: tail: --stream-arn {stream_arn!r} is not a stream ARN: give one of the form "
+            f"{STREAM_ARN_FORM} (the table's LatestStreamArn), or --table NAME",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        clients = AwsClients(resolve_region(region or region_of_arn(stream_arn), setting="--region"), endpoint_url)
+    except NoRegionError as exc:
+        print(f"streamsink: tail: {exc}", file=sys.stderr)
+        return 2
     stop = threading.Event()
 
     def _on_signal(_signum: int, _frame: FrameType | None) -> None:

@@ -12,11 +12,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from botocore.exceptions import ClientError
+
+from pipeline.errors import error_code
 from pipeline.retry import RetryPolicy
 
 
 class StreamNotFoundError(Exception):
-    """The table has no stream enabled, or the stream does not exist."""
+    """The table has no stream enabled, or the table or the stream does not exist."""
+
+
+def _where(client: Any) -> str:
+    """Where a client looked: "region eu-west-1 at https://dynamodb.eu-west-1.amazonaws.com"."""
+    return f"region {client.meta.region_name} at {client.meta.endpoint_url}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +55,16 @@ def table_name_of(stream_arn: str) -> str:
 
 
 def resolve_stream_arn(dynamodb: Any, table_name: str, retry: RetryPolicy) -> str:
-    table = retry.call("DescribeTable", dynamodb.describe_table, TableName=table_name)["Table"]
+    """The table's latest stream; `StreamNotFoundError` naming the table and where it was looked for when the
+    table does not exist there (most often the wrong region or endpoint) or has no stream enabled."""
+    try:
+        table = retry.call("DescribeTable", dynamodb.describe_table, TableName=table_name)["Table"]
+    except ClientError as exc:
+        if error_code(exc) != "ResourceNotFoundException":
+            raise
+        raise StreamNotFoundError(
+            f"table {table_name!r} not found in {_where(dynamodb)}; check the table name, the region and the endpoint"
+        ) from None
     arn = table.get("LatestStreamArn")
     enabled = table.get("StreamSpecification", {}).get("StreamEnabled", arn is not None)
     if not arn or not enabled:
@@ -62,7 +79,14 @@ def describe_shards(streams: Any, stream_arn: str, retry: RetryPolicy) -> list[S
     shards: list[ShardInfo] = []
     request: dict[str, Any] = {"StreamArn": stream_arn}
     while True:
-        description = retry.call("DescribeStream", streams.describe_stream, **request)["StreamDescription"]
+        try:
+            description = retry.call("DescribeStream", streams.describe_stream, **request)["StreamDescription"]
+        except ClientError as exc:
+            if error_code(exc) != "ResourceNotFoundException":
+                raise
+            raise StreamNotFoundError(
+                f"stream {stream_arn} not found in {_where(streams)}; check the stream ARN, the region and the endpoint"
+            ) from None
         shards.extend(ShardInfo.from_api(s) for s in description.get("Shards", []))
         last = description.get("LastEvaluatedShardId")
         if not last:

@@ -14,6 +14,10 @@ from typing import Any
 DUMMY_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 
 
+class EmulatorUnavailableError(RuntimeError):
+    """moto is not installed (streamsink was installed without its `demo` extra)."""
+
+
 class EmbeddedAws:
     """`with EmbeddedAws() as aws: aws.endpoint_url` - a moto server for the duration of the block."""
 
@@ -24,9 +28,14 @@ class EmbeddedAws:
 
     def start(self) -> EmbeddedAws:
         try:
+            # Imported here, not at the top: moto is an optional extra, and the pipeline never needs it.
             from moto.server import ThreadedMotoServer
-        except ImportError as exc:  # pragma: no cover - depends on how streamsink was installed
-            raise RuntimeError("the embedded AWS stand-in needs moto: pip install 'streamsink[demo]'") from exc
+        except ImportError:
+            # streamsink is installed from a clone, not from a package index: the extra is named on the clone.
+            raise EmulatorUnavailableError(
+                "the embedded AWS stand-in needs moto, which is not installed; "
+                'from the clone, run pip install -e ".[demo]"'
+            ) from None
         for name, value in DUMMY_CREDENTIALS.items():
             os.environ.setdefault(name, value)
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
