@@ -38,7 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run end to end against an embedded AWS stand-in (moto)")
     demo.add_argument("--changes", type=int, default=200, help="items to insert (updates and deletes follow)")
     tail = commands.add_parser("tail", help="print a table's changes as they happen (read-only, no checkpoints)")
-    stream = tail.add_mutually_exclusive_group(required=True)
+    tail.add_argument(
+        "--config",
+        metavar="PATH",
+        help="read the stream, region and endpoint from this TOML file's [source] section, as `run` does; "
+        "--table, --stream-arn, --region and --endpoint-url override it",
+    )
+    stream = tail.add_mutually_exclusive_group()
     stream.add_argument("--table", help="follow this table's latest stream")
     stream.add_argument("--stream-arn", help=f"follow this stream ({STREAM_ARN_FORM})")
     tail.add_argument(
@@ -68,7 +74,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     tail.add_argument("--endpoint-url", metavar="URL", help="an AWS-compatible endpoint (moto, LocalStack)")
     status = commands.add_parser("status", help="each shard's state, checkpoint and lag (read-only)")
-    status.add_argument("--config", required=True, help="the pipeline's TOML file (its source and checkpoint table)")
+    status.add_argument(
+        "--config",
+        required=True,
+        metavar="PATH",
+        help="the pipeline's TOML file: its [source] section names the stream, its [checkpoint] section the "
+        "checkpoint table and consumer; STREAMSINK_<SECTION>__<KEY> env vars override",
+    )
+    status.add_argument("--region", help="AWS region of the stream and checkpoint table (default: source.region)")
+    status.add_argument(
+        "--endpoint-url", help="an AWS-compatible endpoint such as moto or LocalStack (default: source.endpoint_url)"
+    )
     status.add_argument("--json", action="store_true", help="a JSON document instead of a table")
     status.add_argument(
         "--count-behind",
@@ -141,6 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"streamsink: demo: {exc}", file=sys.stderr)
             return 1
     if args.command == "tail":
+        source = None
+        if args.config is not None:
+            tail_settings = _settings(args.config)
+            if tail_settings is None:
+                return 2
+            source = tail_settings.source
         return run_tail(
             table_name=args.table,
             stream_arn=args.stream_arn,
@@ -150,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             filters=args.filter,
             region=args.region,
             endpoint_url=args.endpoint_url,
+            source=source,
         )
     settings = _settings(args.config)
     if settings is None:
@@ -158,7 +181,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(settings.model_dump_json(indent=2))
         return 0
     if args.command == "status":
-        return run_status(settings, as_json=args.json, count_cap=args.count_behind)
+        return run_status(
+            settings,
+            as_json=args.json,
+            count_cap=args.count_behind,
+            region=args.region,
+            endpoint_url=args.endpoint_url,
+        )
     return run(settings)
 
 

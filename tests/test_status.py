@@ -273,3 +273,38 @@ def test_a_missing_checkpoint_table_is_reported_not_created(
 )
 def test_ages_read_at_a_glance(seconds: float | None, text: str) -> None:
     assert age_text(seconds) == text
+
+
+def test_cli_status_region_and_endpoint_flags_override_the_configs_source(
+    aws: EmbeddedAws,
+    dynamodb: Any,
+    table: str,
+    make_settings: Callable[..., Settings],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    dynamodb.put_item(TableName=table, Item=version(1))
+    delivered = last(stream_records(aws, table))
+    settings = make_settings()
+    shard_id = aws.client("dynamodbstreams").describe_stream(
+        StreamArn=dynamodb.describe_table(TableName=table)["Table"]["LatestStreamArn"]
+    )["StreamDescription"]["Shards"][0]["ShardId"]
+    run_until_checkpointed(
+        Pipeline(settings, sinks=[MemorySink()]), {shard_id: delivered["dynamodb"]["SequenceNumber"]}
+    )
+    # moto keeps regions apart: in another region neither the table nor its checkpoint table exists.
+    elsewhere = "eu-west-1" if aws.region != "eu-west-1" else "us-west-2"
+    wrong_region = settings.model_copy(update={"source": settings.source.model_copy(update={"region": elsewhere})})
+    config = str(write_config(tmp_path / "status.toml", wrong_region))
+    assert main(["status", "--config", config]) == 1
+    assert capsys.readouterr().err.startswith("streamsink: status: ")
+
+    # Nothing listens on port 9: only the --endpoint-url given can answer.
+    unreachable = wrong_region.model_copy(
+        update={"source": wrong_region.source.model_copy(update={"endpoint_url": "http://127.0.0.1:9"})}
+    )
+    config = str(write_config(tmp_path / "unreachable.toml", unreachable))
+    assert main(["status", "--config", config, "--region", aws.region, "--endpoint-url", aws.endpoint_url]) == 0
+
+    row = capsys.readouterr().out.splitlines()[4]
+    assert cells(row)[:4] == [shard_id, "-", "open", delivered["dynamodb"]["SequenceNumber"]]

@@ -13,12 +13,14 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pipeline.cli import main
-from pipeline.ops.tail import TailFormat, TailPacing, summary_line, tail
+from pipeline.ops.tail import TailFormat, TailPacing, TailTarget, summary_line, tail, tail_target
+from pipeline.settings import SourceSettings
 from pipeline.testing.emulator import EmbeddedAws
 from pipeline.testing.simulated_stream import StreamSimulator
 from tests.conftest import stream_records, unique, wait_until
@@ -516,3 +518,79 @@ def test_the_tail_command_ends_with_exit_0_when_its_reader_goes_away(
             process.kill()
     assert process.stderr is not None
     assert (process.returncode, process.stderr.read()) == (0, "")
+
+
+# -- --config --------------------------------------------------------------------------------------------------
+
+
+def source_config(path: Path, **source: str) -> str:
+    """A pipeline config whose [source] section holds `source`; the sink is never opened by tail."""
+    lines = "".join(f'{key} = "{value}"\n' for key, value in source.items())
+    path.write_text(f'[source]\n{lines}[[sinks]]\ntype = "memory"\n')
+    return str(path)
+
+
+@pytest.mark.usefixtures("interrupt_after_20s")
+def test_cli_tail_config_follows_the_table_at_the_region_and_endpoint_of_its_source_section(
+    aws: EmbeddedAws, dynamodb: Any, table: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    put(dynamodb, table, "customer#1", "order#1")
+    put(dynamodb, table, "customer#1", "order#2")
+    config = source_config(tmp_path / "c.toml", table_name=table, region=aws.region, endpoint_url=aws.endpoint_url)
+
+    # No --table, --region or --endpoint-url: without the config's endpoint this would go to AWS.
+    code = main(["tail", "--config", config, "--from", "trim-horizon", "--limit", "2"])
+
+    captured = capsys.readouterr()
+    assert (code, captured.err) == (0, "")
+    assert [line.split("] ", 1)[1] for line in captured.out.splitlines()] == [
+        "INSERT  pk=customer#1, sk=order#1",
+        "INSERT  pk=customer#1, sk=order#2",
+    ]
+
+
+@pytest.mark.usefixtures("interrupt_after_20s")
+def test_cli_tail_flags_override_the_config(
+    aws: EmbeddedAws, dynamodb: Any, table: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    put(dynamodb, table, "customer#2", "order#1")
+    # moto keeps each region apart: the table exists only in aws.region, and the config names another table.
+    elsewhere = "eu-west-1" if aws.region != "eu-west-1" else "us-west-2"
+    config = source_config(
+        tmp_path / "c.toml", table_name=unique("other"), region=elsewhere, endpoint_url=aws.endpoint_url
+    )
+
+    assert main(["tail", "--config", config, "--from", "trim-horizon", "--limit", "1"]) == 1
+    assert capsys.readouterr().err.startswith("streamsink: tail: table 'other-")
+
+    command = ["tail", "--config", config, "--table", table, "--region", aws.region, "--from", "trim-horizon"]
+    assert main([*command, "--limit", "1"]) == 0
+    assert capsys.readouterr().out.endswith("] INSERT  pk=customer#2, sk=order#1\n")
+
+
+def test_a_stream_arn_flag_brings_its_own_region_over_the_configs() -> None:
+    source = SourceSettings(table_name="orders", region="eu-west-1", endpoint_url="http://127.0.0.1:5000")
+    arn = "arn:aws:dynamodb:ap-south-1:123456789012:table/orders/stream/2026-01-01T00:00:00.000"
+
+    assert tail_target(source) == TailTarget("orders", None, "eu-west-1", "http://127.0.0.1:5000")
+    assert tail_target(source, stream_arn=arn) == TailTarget(None, arn, "ap-south-1", "http://127.0.0.1:5000")
+    assert tail_target(source, stream_arn=arn, region="us-west-2", endpoint_url="http://localhost:4566") == (
+        TailTarget(None, arn, "us-west-2", "http://localhost:4566")
+    )
+    assert tail_target(None) is None
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ([], "streamsink: tail: name the stream: --table NAME, --stream-arn ARN or --config PATH"),
+        (["--config", "missing.toml"], "streamsink: config error: "),
+    ],
+)
+def test_cli_tail_without_a_stream_or_with_a_bad_config_exits_2_with_one_line(
+    capsys: pytest.CaptureFixture[str], arguments: list[str], message: str
+) -> None:
+    assert main(["tail", *arguments]) == 2
+    captured = capsys.readouterr()
+    assert (captured.out, len(captured.err.splitlines())) == ("", 1)
+    assert captured.err.startswith(message)

@@ -125,6 +125,15 @@ def count_behind(
         return RecordsBehind(trimmed=True)
 
 
+def with_source_location(settings: Settings, *, region: str | None, endpoint_url: str | None) -> Settings:
+    """`settings` with the source's region and endpoint replaced where given; the checkpoint table, which
+    lives beside the source, follows them."""
+    changes = {key: value for key, value in (("region", region), ("endpoint_url", endpoint_url)) if value}
+    if not changes:
+        return settings
+    return settings.model_copy(update={"source": settings.source.model_copy(update=changes)})
+
+
 def collect_status(
     settings: Settings,
     clients: AwsClients | None = None,
@@ -297,9 +306,13 @@ def run_status(
     count_cap: int | None = None,
     clients: AwsClients | None = None,
     out: TextIO | None = None,
+    region: str | None = None,
+    endpoint_url: str | None = None,
 ) -> int:
-    """The `streamsink status` command: 0 with the report, 1 when the stream or checkpoint table is missing."""
+    """The `streamsink status` command: 0 with the report, 1 when the stream or checkpoint table is missing.
+    `region` and `endpoint_url` (the command's flags) override the config's source section."""
     out = out or sys.stdout
+    settings = with_source_location(settings, region=region, endpoint_url=endpoint_url)
     try:
         status = collect_status(settings, clients, count_cap=count_cap)
     except (CheckpointTableMissingError, StreamNotFoundError, BotoCoreError) as exc:

@@ -30,7 +30,7 @@ from pipeline.aws import STREAM_ARN_FORM, AwsClients, NoRegionError, is_stream_a
 from pipeline.delivery.filters import FilterSyntaxError, compile_filter, parse_filter
 from pipeline.records import ChangeRecord, change_record_from_stream, to_json
 from pipeline.retry import RetryPolicy
-from pipeline.settings import RetrySettings
+from pipeline.settings import RetrySettings, SourceSettings
 from pipeline.source.reader import ShardPage, ShardReader, StartPosition
 from pipeline.source.scheduler import PollScheduler
 from pipeline.source.stream import (
@@ -314,6 +314,46 @@ def _stop_when_reader_leaves(out: TextIO, stop: threading.Event) -> None:
     threading.Thread(target=_wait, name="stdout-reader-watch", daemon=True).start()
 
 
+@dataclass(frozen=True, slots=True)
+class TailTarget:
+    """The stream tail follows and where it asks for it. Exactly one of `table_name` and `stream_arn` is set."""
+
+    table_name: str | None
+    stream_arn: str | None
+    region: str | None
+    """None: the region AWS tools would use (see `pipeline.aws.resolve_region`)."""
+    endpoint_url: str | None
+
+
+def tail_target(
+    source: SourceSettings | None,
+    *,
+    table_name: str | None = None,
+    stream_arn: str | None = None,
+    region: str | None = None,
+    endpoint_url: str | None = None,
+) -> TailTarget | None:
+    """Flags over the config's `[source]` section (`source`, from `--config`), so `tail --config` reads the
+    stream `run` reads, against the same endpoint. `--table` or `--stream-arn` replaces the config's stream;
+    the region is `--region`, then the region a `--stream-arn` names, then the config's, then the region of the
+    config's stream ARN, then None (left to AWS_REGION, AWS_DEFAULT_REGION, the profile). None when no stream
+    is named."""
+    named = table_name is not None or stream_arn is not None
+    if not named and source is not None:
+        table_name, stream_arn = source.table_name, source.stream_arn
+    if table_name is None and stream_arn is None:
+        return None
+    resolved = (
+        region
+        or (region_of_arn(stream_arn) if named else None)
+        or (source.region if source is not None else None)
+        or region_of_arn(stream_arn)
+    )
+    if endpoint_url is None and source is not None:
+        endpoint_url = source.endpoint_url
+    return TailTarget(table_name, stream_arn, resolved, endpoint_url)
+
+
 def run_tail(
     *,
     table_name: str | None,
@@ -324,11 +364,18 @@ def run_tail(
     filters: Sequence[str],
     region: str | None,
     endpoint_url: str | None,
+    source: SourceSettings | None = None,
     out: TextIO | None = None,
 ) -> int:
     """The `streamsink tail` command: exit 0 on --limit, SIGINT, SIGTERM or a closed pipe; 1 when the stream
-    cannot be read; 2 for a bad --filter or --stream-arn, or no region."""
+    cannot be read; 2 for a bad --filter or --stream-arn, no stream named, or no region. `source` is the config's
+    `[source]` section, which the other arguments override (see `tail_target`)."""
     out = out or sys.stdout
+    target = tail_target(source, table_name=table_name, stream_arn=stream_arn, region=region, endpoint_url=endpoint_url)
+    if target is None:
+        print("streamsink: tail: name the stream: --table NAME, --stream-arn ARN or --config PATH", file=sys.stderr)
+        return 2
+    table_name, stream_arn = target.table_name, target.stream_arn
     try:
         keep = [compile_filter(parse_filter(expression)).admits for expression in filters]
     except FilterSyntaxError as exc:
@@ -342,7 +389,7 @@ def run_tail(
         )
         return 2
     try:
-        clients = AwsClients(resolve_region(region or region_of_arn(stream_arn), setting="--region"), endpoint_url)
+        clients = AwsClients(resolve_region(target.region, setting="--region"), target.endpoint_url)
     except NoRegionError as exc:
         print(f"streamsink: tail: {exc}", file=sys.stderr)
         return 2
