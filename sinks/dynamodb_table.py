@@ -115,8 +115,9 @@ NEWER_WINS_CONDITION = "attribute_not_exists(#seq) OR #seq < :seq"
 ItemTransform = Callable[[ChangeRecord], Mapping[str, Any] | None]
 """A `transform`: the item to put for a change (plain Python values), or None to skip the change."""
 
-_UNUSABLE_CODES = frozenset({"ResourceNotFoundException", "AccessDeniedException"})
-"""The table itself is gone or forbidden: no write of any record can succeed."""
+_UNUSABLE_CODES = frozenset({"ResourceNotFoundException"})
+"""The table itself is gone: no write of any record can succeed. (AccessDeniedException stays a refusal of the
+record: fine-grained access control, `dynamodb:LeadingKeys`, can deny some items and allow others.)"""
 
 _RETRYABLE_CODES = frozenset(
     {

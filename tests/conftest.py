@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -120,6 +121,17 @@ def stream_records(aws: EmbeddedAws, table: str) -> list[dict[str, Any]]:
 
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_server_logs() -> None:
-    import logging
-
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """`main()` sets up the root logger on the test's captured stderr, which pytest closes after the test: a later
+    test's log line would go to that closed stream ("--- Logging error ---" on the next test's stderr)."""
+    root = logging.getLogger()
+    before, level = set(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in before and not type(handler).__module__.startswith("_pytest"):
+            root.removeHandler(handler)
+    root.setLevel(level)

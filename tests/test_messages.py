@@ -17,7 +17,14 @@ from botocore.exceptions import ClientError, EndpointConnectionError, ParamValid
 
 from pipeline.ops.demo import _item
 from pipeline.records import ChangeRecord, change_record_from_stream
-from sinks.base import CallRefusedError, NotAttemptedError, PermanentSinkError, RetryableSinkError, SinkError
+from sinks.base import (
+    CallRefusedError,
+    DestinationUnusableError,
+    NotAttemptedError,
+    PermanentSinkError,
+    RetryableSinkError,
+    SinkError,
+)
 from sinks.messages import (
     MAX_BATCH_ENTRIES,
     MAX_MESSAGE_BYTES,
@@ -438,9 +445,9 @@ def _client_error(code: str, status: int) -> ClientError:
         (_client_error("ThrottlingException", 400), RetryableSinkError, "ThrottlingException"),
         (_client_error("RequestThrottled", 403), RetryableSinkError, "RequestThrottled"),
         (_client_error("InternalError", 500), RetryableSinkError, "InternalError"),
-        (_client_error("AccessDenied", 403), PermanentSinkError, "AccessDenied"),
-        (_client_error("AWS.SimpleQueueService.NonExistentQueue", 400), PermanentSinkError, "does not exist"),
-        (_client_error("NotFound", 404), PermanentSinkError, "does not exist"),
+        (_client_error("AccessDenied", 403), DestinationUnusableError, "AccessDenied"),
+        (_client_error("AWS.SimpleQueueService.NonExistentQueue", 400), DestinationUnusableError, "does not exist"),
+        (_client_error("NotFound", 404), DestinationUnusableError, "does not exist"),
         (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), RetryableSinkError, "EndpointConnectionError"),
         (ParamValidationError(report="bad entry"), PermanentSinkError, "ParamValidationError"),
     ],

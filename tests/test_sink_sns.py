@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.records import ChangeRecord
 from pipeline.testing.emulator import EmbeddedAws
-from sinks.base import PermanentSinkError, RetryableSinkError
+from sinks.base import DestinationUnusableError, PermanentSinkError, RetryableSinkError
 from sinks.messages import MAX_MESSAGE_BYTES, message_group_id
 from sinks.sns import SnsSink, SnsSinkSettings
 from tests.conftest import unique
@@ -235,7 +235,7 @@ def test_fifo_retryable_entry_failures_hold_back_later_changes_to_the_same_item(
 
 def test_open_names_a_topic_that_does_not_exist(aws: EmbeddedAws, sns: Any) -> None:
     missing = make_topic(sns) + "-gone"
-    with pytest.raises(PermanentSinkError) as raised:
+    with pytest.raises(DestinationUnusableError) as raised:
         make_sink(aws, missing)
     assert str(raised.value).startswith(f"SNS topic {missing} does not exist")
 

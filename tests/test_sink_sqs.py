@@ -19,7 +19,7 @@ from pipeline.records import Batch, ChangeRecord
 from pipeline.runner import Pipeline
 from pipeline.settings import ConfigError, Settings, load_settings
 from pipeline.testing.emulator import EmbeddedAws
-from sinks.base import PermanentSinkError, RetryableSinkError
+from sinks.base import DestinationUnusableError, PermanentSinkError, RetryableSinkError
 from sinks.messages import MAX_MESSAGE_BYTES, message_group_id
 from sinks.sqs import SqsSink, SqsSinkSettings
 from tests.conftest import stream_records, unique, wait_until
@@ -432,20 +432,20 @@ def test_throttled_calls_fail_the_write_or_only_what_was_not_sent(aws: EmbeddedA
     assert delivered == sorted(r.event_id for r in records[:10])
 
 
-def test_access_denied_fails_the_write_for_good(aws: EmbeddedAws, queue_url: str) -> None:
+def test_access_denied_for_the_call_is_the_destination_unusable_not_a_refusal(aws: EmbeddedAws, queue_url: str) -> None:
     denied = FaultInjectingClient(
         pipeline_client(aws, "sqs"),
         batch_method="send_message_batch",
         entries_key="Entries",
         raise_on_call={1: _client_error("AccessDenied", 403)},
     )
-    with pytest.raises(PermanentSinkError, match="AccessDenied"):
+    with pytest.raises(DestinationUnusableError, match="AccessDenied"):
         make_sink(aws, queue_url, client=denied).write(batch_of(order_changes(3)))
 
 
 def test_open_names_a_queue_that_does_not_exist(aws: EmbeddedAws, queue_url: str) -> None:
     missing = queue_url.rsplit("/", 1)[0] + "/no-such-queue"
-    with pytest.raises(PermanentSinkError) as raised:
+    with pytest.raises(DestinationUnusableError) as raised:
         make_sink(aws, missing)
     assert str(raised.value).startswith(f"SQS queue {missing} does not exist")
 
