@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class _Part:
     batch: Batch
-    done: Callable[[], None]
+    done: Callable[[int], None]
 
 
 class SinkLanes:
@@ -71,9 +71,10 @@ class SinkLanes:
         with self._lock:
             return self._outstanding > 0
 
-    def submit(self, batch: Batch, expect: Callable[[int], None], done: Callable[[], None]) -> None:
+    def submit(self, batch: Batch, expect: Callable[[int], None], done: Callable[[int], None]) -> None:
         """Hand `batch` to the lanes. `expect(n)` is told how many parts there are before any is handed out (a
-        part may be written before the next is queued); `done()` is called once per part written."""
+        part may be written before the next is queued); `done(taken)` is called once per part written, with how
+        many of its records the sink took (the others were dead-lettered)."""
         if not batch.records or self._stopped.is_set():
             return
         parts = self._split(batch.records)
@@ -119,8 +120,7 @@ class SinkLanes:
         while (part := work.get()) is not None:
             try:
                 if not self._stopped.is_set():
-                    self._writer.write(part.batch)
-                    part.done()
+                    part.done(self._writer.write(part.batch))
             except ShutdownInterruptedError:
                 self._stopped.set()
             except BaseException as error:

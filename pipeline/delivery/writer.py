@@ -91,14 +91,15 @@ class SinkWriter:
         self._on_failure = on_failure
         self._stats = stats
 
-    def write(self, batch: Batch) -> None:
-        """Return once the sink has taken every record of `batch` or it has been dead-lettered."""
+    def write(self, batch: Batch) -> int:
+        """Return once the sink has taken every record of `batch` or it has been dead-lettered: how many it took."""
         if not batch.records:
-            return
+            return 0
         refused = self._isolate(batch)
         if refused:
             self.refuse(refused)
         self._stats.add(self._stats.delivered, self.sink.name, len(batch) - len(refused))
+        return len(batch) - len(refused)
 
     def refuse(self, refused: list[tuple[ChangeRecord, SinkError]]) -> None:
         """Dead-letter refused records (durably, before the checkpoint can pass them), or stop in block mode."""
