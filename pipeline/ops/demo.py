@@ -98,9 +98,9 @@ class _Steps:
         print(f"[{self.elapsed:5.1f}s] {text}", file=self._out, flush=True)
         self._printed = time.monotonic()
 
-    def every(self, text: Callable[[], str]) -> None:
+    def every(self, text: str) -> None:
         if time.monotonic() - self._printed >= self.PROGRESS_SECONDS:
-            self.say(text())
+            self.say(text)
 
 
 def run_demo(changes: int = 200, out: TextIO | None = None, timeout: float = 90.0) -> int:
@@ -150,7 +150,7 @@ def run_demo(changes: int = 200, out: TextIO | None = None, timeout: float = 90.
             return f"{stats.checkpointed} checkpointed, {stats.buffered} more in the sinks waiting for a flush"
 
         written = write_changes(
-            dynamodb, TABLE, changes, lambda done: steps.every(lambda: f"  wrote {done} of {total}; {delivered()}")
+            dynamodb, TABLE, changes, lambda done: steps.every(f"  wrote {done} of {total}; {delivered()}")
         )
         steps.say(
             f"wrote {total} changes: {dict(written)}; waiting until every sink has them and they are checkpointed"
@@ -161,7 +161,7 @@ def run_demo(changes: int = 200, out: TextIO | None = None, timeout: float = 90.
                 print(f"demo failed: {pipeline.fatal or 'timed out waiting for delivery'}", file=out)
                 pipeline.stop()
                 return 1
-            steps.every(lambda: f"  of {total}: {delivered()}")
+            steps.every(f"  of {total}: {delivered()}")
             time.sleep(0.2)
         steps.say("stopping the pipeline: flushing the archive, writing the last checkpoints")
         clean = pipeline.stop()
@@ -170,9 +170,14 @@ def run_demo(changes: int = 200, out: TextIO | None = None, timeout: float = 90.
         results = [
             _check_archive(aws, written, out),
             _check_replica(dynamodb, out),
-            _check_messages(aws.client("sqs"), destinations.queue_url, "queue (sqs, change bodies)", total, out),
+            _check_messages(aws.client("sqs"), destinations.queue_url, "queue (sqs, change bodies)", total, out, steps),
             _check_messages(
-                aws.client("sqs"), destinations.topic_queue_url, "topic (sns -> sqs, dynamodb bodies)", total, out
+                aws.client("sqs"),
+                destinations.topic_queue_url,
+                "topic (sns -> sqs, dynamodb bodies)",
+                total,
+                out,
+                steps,
             ),
         ]
         ok = clean and all(results)
@@ -226,7 +231,11 @@ def _check_archive(aws: EmbeddedAws, written: collections.Counter[str], out: Tex
     ).to_table()
     by_event = collections.Counter(archive.column("event_name").to_pylist())
     distinct = len(set(archive.column("event_id").to_pylist()))
-    print(f"archive: {archive.num_rows} rows under s3://{BUCKET}/orders/, {distinct} distinct changes", file=out)
+    print(
+        f"archive: {archive.num_rows} rows under s3://{BUCKET}/orders/, {distinct} distinct changes",
+        file=out,
+        flush=True,
+    )
     for row in archive.sort_by("sequence_number").slice(0, 2).to_pylist():
         print(
             f"  {row['approximate_creation_time']:%Y-%m-%dT%H:%M:%SZ} {row['event_name']:<6} "
@@ -243,7 +252,11 @@ def _check_replica(dynamodb: Any, out: TextIO) -> bool:
     for item in replica.values():
         item.pop("_streamsink_sequence", None)
     same = source == replica
-    print(f"replica: {len(replica)} items, {'equal to' if same else 'DIFFERENT from'} the source table", file=out)
+    print(
+        f"replica: {len(replica)} items, {'equal to' if same else 'DIFFERENT from'} the source table",
+        file=out,
+        flush=True,
+    )
     return same
 
 
@@ -259,8 +272,11 @@ def _scan(dynamodb: Any, table: str) -> dict[tuple[str, str], dict[str, Any]]:
     return items
 
 
-def _check_messages(sqs: Any, queue_url: str, label: str, total: int, out: TextIO) -> bool:
-    """Every change arrived as a message: count distinct event ids (delivery is at least once)."""
+def _check_messages(sqs: Any, queue_url: str, label: str, total: int, out: TextIO, steps: _Steps) -> bool:
+    """Every change arrived as a message: count distinct event ids (delivery is at least once).
+
+    Read messages are deleted, as a consumer would: the emulator's ReceiveMessage slows down with every message
+    a queue holds, received or not."""
     event_ids: set[str] = set()
     messages = 0
     empty = 0
@@ -270,7 +286,13 @@ def _check_messages(sqs: Any, queue_url: str, label: str, total: int, out: TextI
         for message in batch:
             messages += 1
             event_ids.add(orjson.loads(message["Body"])["eventID"])
-    print(f"{label}: {messages} messages, {len(event_ids)} distinct changes", file=out)
+        if batch:
+            sqs.delete_message_batch(
+                QueueUrl=queue_url,
+                Entries=[{"Id": str(n), "ReceiptHandle": m["ReceiptHandle"]} for n, m in enumerate(batch)],
+            )
+        steps.every(f"  {label}: {messages} of {total} messages read")
+    print(f"{label}: {messages} messages, {len(event_ids)} distinct changes", file=out, flush=True)
     return len(event_ids) == total
 
 
