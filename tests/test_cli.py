@@ -93,6 +93,12 @@ def test_sigterm_drains_flushes_and_checkpoints_then_exits_0(
             process.kill()
     assert process.returncode == 0, stderr
     assert "SIGTERM received: draining" in stderr
+    last = json.loads(stderr.strip().splitlines()[-1])["message"]  # the JSON log line the stop ends with
+    assert re.fullmatch(
+        rf"stopped: 25 change\(s\) read in this run, all checkpointed \(\d+ commit\(s\) to table {checkpoints}\); "
+        r"delivered: s3_parquet 25; the next start goes on from there",
+        last,
+    ), last
 
     truth = stream_records(aws, table)
     archived = read_archive(aws, bucket).column("event_id").to_pylist()

@@ -1,11 +1,17 @@
 """What `streamsink run` shows a person: the status line on a terminal, progress lines in JSON logs, the line after
-a stop. Real pipelines against the moto server; the terminal is a stream that says it is one."""
+a stop. Real pipelines against the moto server; the terminal is a pseudo-terminal or a stream that says it is one."""
 
 from __future__ import annotations
 
 import io
 import logging
+import os
+import pty
 import re
+import signal
+import subprocess
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,7 +24,9 @@ from pipeline.settings import ConfigError, Settings, load_settings
 from pipeline.testing.emulator import EmbeddedAws
 from sinks.base import PermanentSinkError
 from sinks.memory import FlakySink, MemorySink
-from tests.conftest import read_archive, wait_until
+from tests.conftest import read_archive, unique, wait_until
+
+STREAMSINK = [sys.executable, "-m", "pipeline.cli"]
 
 
 class _Terminal(io.StringIO):
@@ -105,6 +113,52 @@ def test_log_lines_never_run_into_the_status_line(
     # The status line was drawn again under the log lines, and the stop summary came after it, on its own line.
     assert screen.index(logged[-1]) < screen.index(statuses[-1]) < len(screen) - 1
     assert screen[-1].endswith("delivered: copy 4; the next start goes on from there")
+
+
+def test_on_a_pseudo_terminal_the_signal_log_line_starts_on_its_own_line(
+    aws: EmbeddedAws, table: str, bucket: str, tmp_path: Any
+) -> None:
+    """`streamsink run` on a real pseudo-terminal: SIGINT is logged while the status line is shown."""
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'[source]\ntable_name = "{table}"\nregion = "{aws.region}"\nendpoint_url = "{aws.endpoint_url}"\n'
+        f'[checkpoint]\ntable_name = "{unique("checkpoints")}"\n'
+        f"[reader]\nidle_poll_max_seconds = 0.2\n[batch]\nmax_wait_seconds = 0.2\n"
+        f'[dead_letter]\npath = "{tmp_path / "dl.jsonl"}"\n'
+        f'[[sinks]]\ntype = "s3_parquet"\nbucket = "{bucket}"\nprefix = "orders/"\nbuffer_max_seconds = 0.5\n'
+    )
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen([*STREAMSINK, "run", "--config", str(config)], stderr=terminal, stdout=terminal)
+    os.close(terminal)
+    received: list[bytes] = []
+
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # the process exited and the terminal closed
+                return
+            if not chunk:
+                return
+            received.append(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        _write(aws, table, 3)
+        wait_until(lambda: b"3 read  " in b"".join(received), what="the status line showing the records")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        reader.join(5)
+        os.close(controller)
+    screen = [line for line in _screen(b"".join(received).decode().replace("\r\n", "\n")) if line]
+    draining = [line for line in screen if "SIGINT received: draining" in line]
+    assert len(draining) == 1
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO streamsink: SIGINT received: draining", draining[0])
+    assert screen[-1].endswith("delivered: s3_parquet 3; the next start goes on from there")
 
 
 def test_delivered_counts_only_what_is_checkpointed_and_buffered_apart(
