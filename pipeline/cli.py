@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from pipeline.aws import STREAM_ARN_FORM
-from pipeline.ops.console import StatusLine, configure_logging
+from pipeline.ops.console import ProgressLog, StatusLine, configure_logging
 from pipeline.ops.demo import run_demo
 from pipeline.ops.status import run_status
 from pipeline.ops.tail import run_tail
@@ -135,11 +135,12 @@ def run(settings: Settings) -> int:
     except Exception as exc:
         print(f"streamsink: cannot start: {exc}", file=sys.stderr)
         return 1
-    status = StatusLine(pipeline).start() if interactive else None
+    shown: StatusLine | ProgressLog = (
+        StatusLine(pipeline) if interactive else ProgressLog(pipeline, settings.runtime.progress_interval_seconds)
+    ).start()
     while not stop.is_set() and not pipeline.wait(0.2):
         pass
-    if status is not None:
-        status.stop()
+    shown.stop()
     clean = pipeline.stop()
     if pipeline.fatal is not None:
         print(f"streamsink: stopped on error: {pipeline.fatal}", file=sys.stderr)

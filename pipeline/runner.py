@@ -10,6 +10,7 @@ writes, flushes, dead letters, checkpoints) goes on until the drain is done or t
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import threading
@@ -22,7 +23,7 @@ from typing import Any
 from pipeline.aws import AwsClients
 from pipeline.delivery.batcher import BatchAssembler, BoundedQueue, ClosedBatch, QueueClosedError
 from pipeline.delivery.dead_letter import build_dead_letters
-from pipeline.delivery.driver import Delivery
+from pipeline.delivery.driver import Delivery, Ticket
 from pipeline.delivery.feed import SinkFeed
 from pipeline.delivery.filters import compile_filter
 from pipeline.ops.metrics import MetricsServer, PipelineMetrics
@@ -493,7 +494,8 @@ class Pipeline:
             item: ClosedBatch = ticket.context
             self.metrics.observe_batch(ticket.batch, ticket.seconds)
             self.stats.events.update(r.event_name for r in item.batch.records)
-            progress.add(item)
+            progress.add(item, ticket)
+            self.stats.buffered += len(ticket.batch)
             if self._commit_due(progress, drained):
                 self._commit(progress)
         if self._commit_due(progress, drained):
@@ -510,6 +512,10 @@ class Pipeline:
         self.store.save(positions, finished, progress.record_times)
         self.stats.checkpoints_written += 1
         self.stats.committed.update(positions)
+        self.stats.checkpointed += progress.records
+        self.stats.buffered -= progress.delivered
+        for sink, count in progress.by_sink.items():
+            self.stats.delivered_by_sink[sink] = self.stats.delivered_by_sink.get(sink, 0) + count
         now = time.time()
         for shard_id, sequence in positions.items():
             progress_of = self.scheduler.progress.get(shard_id)
@@ -580,7 +586,28 @@ class Pipeline:
                 log.warning("closing sink %s: %s", sink.name, exc)
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        log.info("%s", self.stop_summary())
         return clean and self.fatal is None
+
+    def stop_summary(self) -> str:
+        """One line for the operator after a stop: what is delivered for good, and what the next start reads again."""
+        stats = self.stats
+        dead = dict(self.delivery.stats.dead_lettered)
+        sinks = ", ".join(
+            f"{sink.name} {stats.delivered_by_sink.get(sink.name, 0):,}"
+            + (f" (+{dead[sink.name]:,} dead-lettered)" if dead.get(sink.name) else "")
+            for sink in self.sinks
+        )
+        # Records read but not covered by a checkpoint, and pages still queued when the drain was cut short.
+        again = stats.records_read - stats.checkpointed + self.queue.depth[0]
+        read = f"stopped: {stats.records_read:,} change(s) read in this run"
+        commits = f"{stats.checkpoints_written:,} commit(s) to table {self.settings.checkpoint.table_name}"
+        if again <= 0:
+            return f"{read}, all checkpointed ({commits}); delivered: {sinks}; the next start goes on from there"
+        return (
+            f"{read}, {stats.checkpointed:,} checkpointed ({commits}); delivered: {sinks}; {again:,} record(s) "
+            "read past the checkpoints will be read again at the next start"
+        )
 
 
 @dataclass
@@ -590,18 +617,27 @@ class _Uncommitted:
     positions: dict[str, str] = field(default_factory=dict)
     finished: set[str] = field(default_factory=set)
     record_times: dict[str, datetime] = field(default_factory=dict)
+    records: int = 0
+    """Records read in these batches, the pipeline filter's leftovers included."""
+    delivered: int = 0
+    """Records of these batches handed to the sinks (the pipeline filter's leftovers not counted)."""
+    by_sink: collections.Counter[str] = field(default_factory=collections.Counter)
 
     @property
     def any(self) -> bool:
         return bool(self.positions or self.finished)
 
-    def add(self, item: ClosedBatch) -> None:
+    def add(self, item: ClosedBatch, ticket: Ticket) -> None:
         self.positions.update(item.positions)
         self.record_times.update((r.shard_id, r.approximate_creation_time) for r in item.batch.records)
         self.finished |= item.finished_shards
+        self.records += len(item.batch)
+        self.delivered += len(ticket.batch)
+        self.by_sink.update(ticket.taken)
 
     def clear(self) -> None:
         self.positions, self.finished, self.record_times = {}, set(), {}
+        self.records, self.delivered, self.by_sink = 0, 0, collections.Counter()
 
 
 def _since(settings: Settings) -> int | None:

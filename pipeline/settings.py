@@ -222,6 +222,13 @@ class RuntimeSettings(BaseModel):
         default="auto",
         description="'auto': a live status line when stderr is a terminal, JSON lines otherwise (containers).",
     )
+    progress_interval_seconds: float = Field(
+        default=60.0,
+        gt=0.0,
+        le=86400.0,
+        description="Without a status line (JSON or text logs): log a progress line this often, with records "
+        "read, delivered and buffered, per sink, lag and dead letters, so that the logs show the pipeline alive.",
+    )
 
 
 class MetricsSettings(BaseModel):

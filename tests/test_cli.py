@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -92,6 +93,12 @@ def test_sigterm_drains_flushes_and_checkpoints_then_exits_0(
             process.kill()
     assert process.returncode == 0, stderr
     assert "SIGTERM received: draining" in stderr
+    last = json.loads(stderr.strip().splitlines()[-1])["message"]  # the JSON log line the stop ends with
+    assert re.fullmatch(
+        rf"stopped: 25 change\(s\) read in this run, all checkpointed \(\d+ commit\(s\) to table {checkpoints}\); "
+        r"delivered: s3_parquet 25; the next start goes on from there",
+        last,
+    ), last
 
     truth = stream_records(aws, table)
     archived = read_archive(aws, bucket).column("event_id").to_pylist()
@@ -116,6 +123,23 @@ def test_demo_runs_end_to_end_and_says_ok() -> None:
     assert "queue (sqs, change bodies): 51 messages, 51 distinct changes" in done.stdout
     assert "topic (sns -> sqs, dynamodb bodies): 51 messages, 51 distinct changes" in done.stdout
     assert "OK: 51 changes written; archive, replica, queue and topic each received all of them" in done.stdout
+    # Progress as it goes: every step says what it does, stamped with the demo's own time.
+    lines = done.stdout.splitlines()
+    assert lines[0].endswith("installing streamsink and moto is not part of them")
+    steps = [re.match(r"\[ *(\d+\.\d)s\] (.*)", line) for line in lines]
+    said = [step.group(2) for step in steps if step]
+    for expected in (
+        "starting the embedded AWS stand-in",
+        "sinks: archive, replica, queue, topic",
+        "writing 51 changes to orders: 30 inserts",
+        "wrote 51 changes",
+        "stopping the pipeline",
+        "stopped: 51 change(s) read in this run, all checkpointed",
+        "reading every destination back",
+    ):
+        assert any(text.startswith(expected) for text in said), (expected, said)
+    stamps = [float(step.group(1)) for step in steps if step]
+    assert stamps == sorted(stamps)
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("config/*.toml")), ids=lambda p: p.name)

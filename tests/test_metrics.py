@@ -144,7 +144,7 @@ def test_the_status_line_shows_throughput_queue_and_sinks(
     pipeline = Pipeline(make_settings(), sinks=[sink])
     pipeline.start()
     try:
-        wait_until(lambda: pipeline.delivery.stats.dead_lettered.get("copy") == 1, what="a dead letter")
+        wait_until(lambda: pipeline.stats.checkpointed == 12, what="a dead letter and the checkpoint after it")
         line = StatusLine(pipeline, stream=io.StringIO()).render()
     finally:
         pipeline.stop()

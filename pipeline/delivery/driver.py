@@ -14,6 +14,7 @@ waits, the queue in front of it fills and the readers wait, so memory stays flat
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 import time
 from collections.abc import Sequence
@@ -42,6 +43,8 @@ class Ticket:
     """What the caller attached (the runner: the positions the batch moves the checkpoint to)."""
     weight: tuple[int, int] = (0, 0)
     """Records and bytes it holds of the in-flight window, until it is handed back."""
+    taken: dict[str, int] = field(default_factory=dict)
+    """Per sink: how many of the batch's records it took (not those its filter left out or it dead-lettered)."""
     submitted_at: float = field(default_factory=time.monotonic)
     done_at: float | None = None
     _left: int = 0
@@ -149,7 +152,7 @@ class Delivery:
         ticket = Ticket(batch, context, weight=weight)
         with self._tickets_lock:
             self._tickets.append(ticket)
-        prepared: list[tuple[SinkLanes, Batch]] = []
+        prepared: list[tuple[str, SinkLanes, Batch]] = []
         try:
             for writer, lanes, feed in zip(self._writers, self.lanes, self._feeds, strict=True):
                 given = feed.prepare(batch) if batch.records else None
@@ -157,19 +160,20 @@ class Delivery:
                     continue
                 self.stats.add(self.stats.filtered, writer.sink.name, given.filtered)
                 self.stats.add(self.stats.delivered, writer.sink.name, 0)
+                ticket.taken[writer.sink.name] = 0
                 if given.failed:
                     untransformable: list[tuple[ChangeRecord, SinkError]] = [
                         (record, WithheldImagesError(f"sink {writer.sink.name}: {error}"))
                         for record, error in given.failed
                     ]
                     writer.refuse(untransformable)  # block mode raises before any later change is written
-                prepared.append((lanes, given.batch))
+                prepared.append((writer.sink.name, lanes, given.batch))
         except BaseException:
             self._abandon(ticket)
             raise
         ticket.expect(1)  # held while parts are handed out, so that the ticket cannot complete before they all are
-        for lanes, given_batch in prepared:
-            lanes.submit(given_batch, ticket.expect, lambda: self._part_done(ticket))
+        for sink_name, lanes, given_batch in prepared:
+            lanes.submit(given_batch, ticket.expect, functools.partial(self._part_done, ticket, sink_name))
         if batch.records:
             self.stats.batches += 1
         self._part_done(ticket)
@@ -247,8 +251,10 @@ class Delivery:
 
     # -- internals ------------------------------------------------------------------------------------------
 
-    def _part_done(self, ticket: Ticket) -> None:
+    def _part_done(self, ticket: Ticket, sink: str | None = None, taken: int = 0) -> None:
         with ticket._lock:
+            if sink is not None:
+                ticket.taken[sink] += taken
             ticket._left -= 1
             if ticket._left > 0:
                 return

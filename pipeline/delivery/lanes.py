@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class _Part:
     batch: Batch
-    done: Callable[[], None]
+    done: Callable[[int], None]
 
 
 class SinkLanes:
@@ -75,10 +75,11 @@ class SinkLanes:
         with self._lock:
             return self._writing > 0 or (self._outstanding > 0 and not self._stopped.is_set())
 
-    def submit(self, batch: Batch, expect: Callable[[int], None], done: Callable[[], None]) -> None:
+    def submit(self, batch: Batch, expect: Callable[[int], None], done: Callable[[int], None]) -> None:
         """Hand `batch` to the lanes. `expect(n)` is told how many parts there are before any is handed out (a
-        part may be written before the next is queued); `done()` is called once per part written. After a stop
-        the batch is taken as one part that is never written, so its ticket never completes."""
+        part may be written before the next is queued); `done(taken)` is called once per part written, with how
+        many of its records the sink took (the others were dead-lettered). After a stop the batch is taken as one
+        part that is never written, so its ticket never completes."""
         if not batch.records:
             return
         parts = self._split(batch.records)
@@ -131,8 +132,7 @@ class SinkLanes:
                 self._writing += start
             try:
                 if start:
-                    self._writer.write(part.batch, self._stopped)
-                    part.done()
+                    part.done(self._writer.write(part.batch, self._stopped))
             except ShutdownInterruptedError:
                 self.stop()
             except BaseException as error:

@@ -118,15 +118,17 @@ class SinkWriter:
         """A refusal stops the pipeline (`on_failure = "block"`) instead of being dead-lettered."""
         return self._on_failure == "block"
 
-    def write(self, batch: Batch, stopped: threading.Event | None = None) -> None:
-        """Return once the sink has taken every record of `batch` or it has been dead-lettered. Once `stopped`
-        is set, no further call is started: ShutdownInterruptedError, and the part stays unwritten."""
+    def write(self, batch: Batch, stopped: threading.Event | None = None) -> int:
+        """Return once the sink has taken every record of `batch` or it has been dead-lettered: how many it took.
+        Once `stopped` is set, no further call is started: ShutdownInterruptedError, and the part stays
+        unwritten."""
         if not batch.records:
-            return
+            return 0
         refused = self._isolate(batch, stopped)
         if refused:
             self.refuse(refused)
         self._stats.add(self._stats.delivered, self.sink.name, len(batch) - len(refused))
+        return len(batch) - len(refused)
 
     def refuse(self, refused: list[tuple[ChangeRecord, SinkError]]) -> None:
         """Dead-letter refused records (durably, before the checkpoint can pass them), or stop in block mode."""

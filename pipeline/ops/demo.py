@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -43,12 +44,23 @@ def _item(n: int) -> dict[str, Any]:
     }
 
 
-def write_changes(dynamodb: Any, table: str, count: int) -> collections.Counter[str]:
-    """Inserts `count` items, updates half of them and deletes a fifth; returns changes by event name."""
+def changes_for(count: int) -> int:
+    """How many changes `write_changes(..., count)` makes."""
+    return count + len(range(0, count, 2)) + len(range(0, count, 5))
+
+
+def write_changes(
+    dynamodb: Any, table: str, count: int, progress: Callable[[int], None] | None = None
+) -> collections.Counter[str]:
+    """Inserts `count` items, updates half of them and deletes a fifth; returns changes by event name.
+
+    `progress(changes written so far)` is called after every change."""
     written: collections.Counter[str] = collections.Counter()
     for n in range(count):
         dynamodb.put_item(TableName=table, Item=_item(n))
         written["INSERT"] += 1
+        if progress is not None:
+            progress(written.total())
     for n in range(0, count, 2):
         dynamodb.update_item(
             TableName=table,
@@ -57,18 +69,54 @@ def write_changes(dynamodb: Any, table: str, count: int) -> collections.Counter[
             ExpressionAttributeValues={":t": {"BOOL": True}, ":d": {"N": "0.01"}},
         )
         written["MODIFY"] += 1
+        if progress is not None:
+            progress(written.total())
     for n in range(0, count, 5):
         dynamodb.delete_item(TableName=table, Key={"pk": {"S": f"customer#{n % 17}"}, "sk": {"S": f"order#{n:05d}"}})
         written["REMOVE"] += 1
+        if progress is not None:
+            progress(written.total())
     return written
+
+
+class _Steps:
+    """Prints each step with the seconds since the demo started, flushed at once (stdout may be a pipe), so that
+    a pause always says what it is waiting for. `every` prints at most once per `PROGRESS_SECONDS`."""
+
+    PROGRESS_SECONDS = 2.0
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self.started = time.monotonic()
+        self._printed = self.started
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def say(self, text: str) -> None:
+        print(f"[{self.elapsed:5.1f}s] {text}", file=self._out, flush=True)
+        self._printed = time.monotonic()
+
+    def every(self, text: str) -> None:
+        if time.monotonic() - self._printed >= self.PROGRESS_SECONDS:
+            self.say(text)
 
 
 def run_demo(changes: int = 200, out: TextIO | None = None, timeout: float = 90.0) -> int:
     import sys
 
     out = out or sys.stdout
-    started = time.monotonic()
+    steps = _Steps(out)
+    print(
+        "streamsink demo: the times shown are the demo's own, from its start; installing streamsink and moto "
+        "is not part of them",
+        file=out,
+        flush=True,
+    )
+    steps.say("starting the embedded AWS stand-in (a moto server on a loopback port)")
     with EmbeddedAws() as aws:
+        steps.say(f"embedded AWS at {aws.endpoint_url}; creating table {TABLE} (with a stream) and the destinations")
         dynamodb = aws.client("dynamodb")
         create_stream_table(dynamodb, TABLE)
         destinations = _create_destinations(aws)
@@ -92,32 +140,52 @@ def run_demo(changes: int = 200, out: TextIO | None = None, timeout: float = 90.
         )
         pipeline = Pipeline(settings)
         pipeline.start()
-        print(f"embedded AWS at {aws.endpoint_url}; pipeline reading {pipeline.stream_arn}", file=out)
-        print(f"sinks: {', '.join(sink.name for sink in pipeline.sinks)}", file=out)
-        written = write_changes(dynamodb, TABLE, changes)
-        total = sum(written.values())
-        print(f"wrote {total} changes: {dict(written)}", file=out)
+        steps.say(f"pipeline reading {pipeline.stream_arn}")
+        steps.say(f"sinks: {', '.join(sink.name for sink in pipeline.sinks)}")
+        total = changes_for(changes)
+        steps.say(f"writing {total} changes to {TABLE}: {changes} inserts, then updates and deletes")
+
+        def delivered() -> str:
+            stats = pipeline.stats
+            return f"{stats.checkpointed} checkpointed, {stats.buffered} more in the sinks waiting for a flush"
+
+        written = write_changes(
+            dynamodb, TABLE, changes, lambda done: steps.every(f"  wrote {done} of {total}; {delivered()}")
+        )
+        steps.say(
+            f"wrote {total} changes: {dict(written)}; waiting until every sink has them and they are checkpointed"
+        )
         deadline = time.monotonic() + timeout
         while pipeline.stats.checkpoints_written == 0 or sum(pipeline.stats.events.values()) < total:
             if pipeline.fatal or time.monotonic() > deadline:
                 print(f"demo failed: {pipeline.fatal or 'timed out waiting for delivery'}", file=out)
                 pipeline.stop()
                 return 1
+            steps.every(f"  of {total}: {delivered()}")
             time.sleep(0.2)
+        steps.say("stopping the pipeline: flushing the archive, writing the last checkpoints")
         clean = pipeline.stop()
+        steps.say(pipeline.stop_summary())
+        steps.say("reading every destination back")
         results = [
             _check_archive(aws, written, out),
             _check_replica(dynamodb, out),
-            _check_messages(aws.client("sqs"), destinations.queue_url, "queue (sqs, change bodies)", total, out),
+            _check_messages(aws.client("sqs"), destinations.queue_url, "queue (sqs, change bodies)", total, out, steps),
             _check_messages(
-                aws.client("sqs"), destinations.topic_queue_url, "topic (sns -> sqs, dynamodb bodies)", total, out
+                aws.client("sqs"),
+                destinations.topic_queue_url,
+                "topic (sns -> sqs, dynamodb bodies)",
+                total,
+                out,
+                steps,
             ),
         ]
         ok = clean and all(results)
         print(
             f"{'OK' if ok else 'MISMATCH'}: {total} changes written; archive, replica, queue and topic each "
-            f"received all of them in {time.monotonic() - started:.1f}s",
+            f"received all of them in {steps.elapsed:.1f}s (the demo's own time)",
             file=out,
+            flush=True,
         )
         return 0 if ok else 1
 
@@ -163,7 +231,11 @@ def _check_archive(aws: EmbeddedAws, written: collections.Counter[str], out: Tex
     ).to_table()
     by_event = collections.Counter(archive.column("event_name").to_pylist())
     distinct = len(set(archive.column("event_id").to_pylist()))
-    print(f"archive: {archive.num_rows} rows under s3://{BUCKET}/orders/, {distinct} distinct changes", file=out)
+    print(
+        f"archive: {archive.num_rows} rows under s3://{BUCKET}/orders/, {distinct} distinct changes",
+        file=out,
+        flush=True,
+    )
     for row in archive.sort_by("sequence_number").slice(0, 2).to_pylist():
         print(
             f"  {row['approximate_creation_time']:%Y-%m-%dT%H:%M:%SZ} {row['event_name']:<6} "
@@ -180,7 +252,11 @@ def _check_replica(dynamodb: Any, out: TextIO) -> bool:
     for item in replica.values():
         item.pop("_streamsink_sequence", None)
     same = source == replica
-    print(f"replica: {len(replica)} items, {'equal to' if same else 'DIFFERENT from'} the source table", file=out)
+    print(
+        f"replica: {len(replica)} items, {'equal to' if same else 'DIFFERENT from'} the source table",
+        file=out,
+        flush=True,
+    )
     return same
 
 
@@ -196,8 +272,11 @@ def _scan(dynamodb: Any, table: str) -> dict[tuple[str, str], dict[str, Any]]:
     return items
 
 
-def _check_messages(sqs: Any, queue_url: str, label: str, total: int, out: TextIO) -> bool:
-    """Every change arrived as a message: count distinct event ids (delivery is at least once)."""
+def _check_messages(sqs: Any, queue_url: str, label: str, total: int, out: TextIO, steps: _Steps) -> bool:
+    """Every change arrived as a message: count distinct event ids (delivery is at least once).
+
+    Read messages are deleted, as a consumer would: the emulator's ReceiveMessage slows down with every message
+    a queue holds, received or not."""
     event_ids: set[str] = set()
     messages = 0
     empty = 0
@@ -207,7 +286,13 @@ def _check_messages(sqs: Any, queue_url: str, label: str, total: int, out: TextI
         for message in batch:
             messages += 1
             event_ids.add(orjson.loads(message["Body"])["eventID"])
-    print(f"{label}: {messages} messages, {len(event_ids)} distinct changes", file=out)
+        if batch:
+            sqs.delete_message_batch(
+                QueueUrl=queue_url,
+                Entries=[{"Id": str(n), "ReceiptHandle": m["ReceiptHandle"]} for n, m in enumerate(batch)],
+            )
+        steps.every(f"  {label}: {messages} of {total} messages read")
+    print(f"{label}: {messages} messages, {len(event_ids)} distinct changes", file=out, flush=True)
     return len(event_ids) == total
 
 

@@ -28,6 +28,13 @@ class PipelineStats:
     filtered: int = 0
     """Records the pipeline-wide [filter] dropped; their positions are checkpointed like delivered ones."""
     checkpoints_written: int = 0
+    checkpointed: int = 0
+    """Records read whose positions checkpoints cover (delivered, dead-lettered or filtered): never read again."""
+    delivered_by_sink: dict[str, int] = field(default_factory=dict)
+    """Per sink: records it took, made durable, and a checkpoint covers: what a restart will not send again."""
+    buffered: int = 0
+    """Records every sink has taken that wait for a flush and the checkpoint after it: a buffering sink (the
+    archive) holds them until its buffer is due; a restart before then reads them again."""
     committed: dict[str, str] = field(default_factory=dict)
     """Shard -> the last committed sequence number, for shards the stream still lists or that are being read."""
     shards_finished: int = 0
