@@ -4,6 +4,7 @@ Every aiobotocore release (s3fs's dependency) accepts only a narrow window of bo
 range is only true if pip can find an aiobotocore, and through it an s3fs, for its ends. pip is asked exactly
 what an install would do (`pip install --dry-run --report`, ignoring what this environment has) for the
 project's dependencies with boto3 and botocore held at the lowest, then the highest, version the range allows.
+When the range was set, both ends resolved s3fs 2026.9.0, the newest, with aiobotocore 2.19.0 and 3.10.0.
 
 These tests need the package index: they are skipped, saying so, only when it cannot be reached.
 """
