@@ -474,3 +474,24 @@ def test_a_batch_is_done_only_when_every_lane_has_written_its_part(dead_letters:
     while not ticket.done and time.monotonic() < deadline:
         delivery.wait_done(0.1)
     assert delivery.done() == [ticket]
+
+
+def test_a_full_window_gives_way_once_the_oldest_batch_is_done(dead_letters: JsonlDeadLetters) -> None:
+    """A batch holds its place in the window until it is handed back, and only the caller hands it back: a
+    `submit` waiting for room must return (None) as soon as the oldest batch is done, or a caller that waits
+    without a timeout would wait forever and one with a timeout would idle until it ran out."""
+    records = _records(20)
+    delivery = _delivery([MemorySink()], dead_letters, max_records_in_flight=10)
+    first = delivery.submit(_batch(records[:10]))
+    assert first is not None
+    answer: list[Any] = []
+    waiting = threading.Thread(target=lambda: answer.append(delivery.submit(_batch(records[10:]))), daemon=True)
+    waiting.start()
+    waiting.join(30)
+    assert not waiting.is_alive(), "submit kept waiting although the batch holding the window was done"
+    assert answer == [None] and delivery.window_depth == (10, first.batch.size_bytes)
+    assert delivery.done() == [first]
+    assert delivery.window_depth == (0, 0)
+    second = delivery.submit(_batch(records[10:]))
+    assert second is not None
+    delivery.stop()

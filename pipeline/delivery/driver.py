@@ -17,7 +17,7 @@ import collections
 import functools
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,15 +74,22 @@ class _Window:
         self._bytes = 0
         self._cond = threading.Condition()
 
-    def acquire(self, records: int, size: int, timeout: float | None) -> bool:
+    def acquire(self, records: int, size: int, timeout: float | None, give_way: Callable[[], bool]) -> bool:
+        """Take room for a batch; False after `timeout`, or as soon as `give_way()` holds while there is none
+        (the oldest batch is done: the caller hands it back, which is what makes room)."""
         with self._cond:
-            return self._cond.wait_for(
-                lambda: (
-                    self._records == 0
-                    or (self._records + records <= self._max_records and self._bytes + size <= self._max_bytes)
-                ),
-                timeout,
-            ) and self._take(records, size)
+            room = self._cond.wait_for(lambda: self._room(records, size) or give_way(), timeout)
+            return bool(room) and self._room(records, size) and self._take(records, size)
+
+    def _room(self, records: int, size: int) -> bool:
+        return self._records == 0 or (
+            self._records + records <= self._max_records and self._bytes + size <= self._max_bytes
+        )
+
+    def poke(self) -> None:
+        """Something a waiting `acquire` gives way to may have changed."""
+        with self._cond:
+            self._cond.notify_all()
 
     def _take(self, records: int, size: int) -> bool:
         self._records += records
@@ -139,7 +146,8 @@ class Delivery:
     def submit(
         self, batch: Batch, context: Any = None, timeout: float | None = None, read: Batch | None = None
     ) -> Ticket | None:
-        """Hand `batch` to every sink; None when the in-flight window stayed full for `timeout` seconds.
+        """Hand `batch` to every sink; None when the in-flight window stayed full for `timeout` seconds, or while
+        it is full and the oldest batch is done (hand it back with `done()`, then submit again).
 
         `read` is what was read for it, when a filter left `batch` smaller: the window counts what was read.
         Each sink's filter, record_transform and projection run here, on the caller's thread; a record_transform
@@ -147,7 +155,7 @@ class Delivery:
         self._raise_lane_error()
         counted = read if read is not None else batch
         weight = (max(len(counted), len(batch)), max(counted.size_bytes, batch.size_bytes))
-        if not self._window.acquire(*weight, timeout):
+        if not self._window.acquire(*weight, timeout, give_way=self._head_done):
             return None
         ticket = Ticket(batch, context, weight=weight)
         with self._tickets_lock:
@@ -259,6 +267,7 @@ class Delivery:
             if ticket._left > 0:
                 return
             ticket.done_at = time.monotonic()
+        self._window.poke()
         with self._completed:
             self._completed.notify_all()
 
