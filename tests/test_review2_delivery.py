@@ -1,0 +1,436 @@
+"""Delivery promises of README "Guarantees and failure model" and "Delivery and concurrency" that still do not hold
+after the in-flight window, per-record attempt counts, hold-backs, block mode and unusable destinations were
+reworked. Each test states the promise it checks and the scenario that breaks it.
+
+- block mode: "other lanes finish the call they are in and start no new one", but a lane's write is many calls
+  (one PutItem per change for the replica, one SendMessageBatch per 10 messages) and the stop is looked at only
+  between rounds of a write;
+- block mode: "no later change of the refused item is written", but a standard queue puts an item's next change
+  in the same SendMessageBatch as the change it refuses;
+- "a destination that is gone or forbidden while running ... stops the pipeline naming it, rather than
+  dead-letter the whole stream one record at a time": a queue or topic whose KMS key may no longer be used, and a
+  replica whose write permission is revoked, get every record dead-lettered instead;
+- the status line's `in flight` is "what the sinks are still writing", but it is the window, which also counts
+  batches the sinks have finished and records the pipeline's filter dropped;
+- the stop line's per-sink `delivered` counts by sink name, and two sinks of one type share their default name;
+- a sink whose write ended with a record dead-lettered after `retry.max_attempts` stays marked failing, which
+  `/healthz` reports once `metrics.stall_seconds` have passed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError
+
+from pipeline.delivery.dead_letter import JsonlDeadLetters
+from pipeline.delivery.driver import Delivery, DeliveryBlockedError
+from pipeline.delivery.lanes import lane_of
+from pipeline.records import Batch, ChangeRecord
+from pipeline.retry import RetryPolicy
+from pipeline.runner import Pipeline
+from pipeline.settings import RetrySettings, Settings
+from pipeline.testing.emulator import EmbeddedAws
+from sinks.base import DestinationUnusableError, RetryableSinkError, Sink, WriteResult
+from sinks.dynamodb_table import DynamoDbTableSink, DynamoDbTableSinkSettings
+from sinks.memory import MemorySink
+from sinks.sns import SnsSink, SnsSinkSettings
+from sinks.sqs import SqsSink, SqsSinkSettings
+from tests.conftest import unique, wait_until
+from tests.factories import change_record
+from tests.test_sink_sqs import FaultInjectingClient, body_event_id, pipeline_client, receive_all
+
+QUICK = RetryPolicy(RetrySettings(max_attempts=3, initial_delay_seconds=0.001, max_delay_seconds=0.01))
+
+
+@pytest.fixture
+def dead_letters(tmp_path: Path) -> JsonlDeadLetters:
+    return JsonlDeadLetters(tmp_path / "dead.jsonl")
+
+
+def _dead_event_ids(dead_letters: JsonlDeadLetters) -> list[str]:
+    if not dead_letters.path.exists():
+        return []
+    return [json.loads(line)["event_id"] for line in dead_letters.path.read_text().splitlines()]
+
+
+def _change(n: int, pk: str, *, image: Mapping[str, Any] | None = None) -> ChangeRecord:
+    keys = {"pk": {"S": pk}, "sk": {"S": "a"}}
+    return change_record(
+        sequence=10**20 + n,
+        event_name="MODIFY",
+        keys=keys,
+        new_image={**keys, "n": {"N": str(n)}, **(image or {})},
+        event_id=f"e{n:04d}",
+    )
+
+
+def _batch(records: list[ChangeRecord]) -> Batch:
+    return Batch(tuple(records), sum(r.size_bytes for r in records))
+
+
+def _wait_blocked(delivery: Delivery) -> None:
+    wait_until(lambda: delivery.error is not None, timeout=20, what="the delivery to block")
+    assert isinstance(delivery.error, DeliveryBlockedError), f"stopped with {delivery.error!r}"
+
+
+@pytest.fixture
+def replica(dynamodb: Any) -> str:
+    name = unique("replica")
+    dynamodb.create_table(
+        TableName=name,
+        BillingMode="PAY_PER_REQUEST",
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+        AttributeDefinitions=[{"AttributeName": a, "AttributeType": "S"} for a in ("pk", "sk")],
+    )
+    return name
+
+
+def _replica_sink(aws: EmbeddedAws, replica: str, client: Any) -> DynamoDbTableSink:
+    sink = DynamoDbTableSink(
+        DynamoDbTableSinkSettings(type="dynamodb_table", table_name=replica),
+        region=aws.region,
+        endpoint_url=aws.endpoint_url,
+        client=client,
+    )
+    sink.open()
+    return sink
+
+
+# -- block mode ------------------------------------------------------------------------------------------------
+
+
+class ReplicaWritesAfterBlock:
+    """The real DynamoDB client. The refused item's PutItem waits until another lane's first PutItem has started;
+    that PutItem waits until the delivery has blocked (each wait at most `patience` seconds), so the block lands
+    while it is in flight. Every later PutItem notes whether the delivery had blocked when it started."""
+
+    def __init__(self, real: Any, refused_pk: str, patience: float = 10.0) -> None:
+        self._real = real
+        self._refused_pk = refused_pk
+        self._patience = patience
+        self.delivery: Delivery | None = None
+        self.started_after_block: list[str] = []
+        self._other_started = threading.Event()
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._real, name)
+        if name != "put_item":
+            return attribute
+
+        def call(**kwargs: Any) -> Any:
+            delivery = self.delivery
+            assert delivery is not None
+            pk = kwargs["Item"]["pk"]["S"]
+            if pk == self._refused_pk:
+                self._other_started.wait(self._patience)
+                return attribute(**kwargs)
+            with self._lock:
+                first = not self._other_started.is_set()
+                self._other_started.set()
+                if not first and delivery.error is not None:
+                    self.started_after_block.append(pk)
+            if first:
+                with contextlib.suppress(AssertionError):
+                    wait_until(lambda: delivery.error is not None, timeout=self._patience, what="the block")
+            return attribute(**kwargs)
+
+        return call
+
+
+def test_after_a_block_other_replica_lanes_start_no_new_write(
+    aws: EmbeddedAws, dynamodb: Any, replica: str, dead_letters: JsonlDeadLetters
+) -> None:
+    """README, Delivery and concurrency: block mode stops as soon as a refusal is known, "and other lanes finish
+    the call they are in and start no new one or retry". The replica refuses one item's change (over 400 KB) on
+    one lane while the other lane is in the first of its part's six PutItems. Lanes look at the stop only between
+    rounds of a write, and a replica write is one PutItem per change: the other lane goes on with the remaining
+    five after the pipeline blocked (as a standard or FIFO queue's lane goes on with a part's later calls)."""
+    refused = _change(0, "item-refused", image={"blob": {"S": "x" * (410 * 1024)}})
+    refused_lane = lane_of(refused, 2)
+    others = [r for r in (_change(n, f"item-{n:03d}") for n in range(1, 200)) if lane_of(r, 2) != refused_lane][:6]
+    client = ReplicaWritesAfterBlock(pipeline_client(aws, "dynamodb"), refused_pk="item-refused")
+    sink = _replica_sink(aws, replica, client)
+    delivery = Delivery([sink], retry=QUICK, dead_letters=dead_letters, on_failure="block", concurrency=[2])
+    client.delivery = delivery
+    try:
+        delivery.submit(_batch([*others, refused]))
+        _wait_blocked(delivery)
+        assert refused.event_id in str(delivery.error)
+        wait_until(lambda: not delivery.busy, timeout=20, what="the lanes to finish")
+        assert client.started_after_block == [], (
+            f"{len(client.started_after_block)} PutItem call(s) started after the pipeline blocked: "
+            f"{client.started_after_block}"
+        )
+    finally:
+        delivery.stop()
+
+
+def test_block_mode_sends_no_later_change_of_the_refused_item_in_the_same_call_to_a_standard_queue(
+    aws: EmbeddedAws, dead_letters: JsonlDeadLetters
+) -> None:
+    """README: "Block mode stops as soon as a refusal is known: no later change of the refused item is written"
+    (with block mode standard queues keep an item on one lane for it). A standard queue's SendMessageBatch is
+    the longest prefix of the write, so an item's two changes travel in one call; the queue refuses the first
+    entry as the sender's fault (here an invalid DelaySeconds, refused by the server itself) and takes the
+    second in the same call. The pipeline blocks only afterwards, with the refused item's next change on the
+    queue. (A FIFO queue carries one change per item in a call; a standard queue in block mode needs the same.)"""
+    sqs = aws.client("sqs")
+    url = sqs.create_queue(QueueName=unique("changes"))["QueueUrl"]
+    first = _change(1, "item-1")
+    later = _change(2, "item-1")
+
+    def invalid_delay(entry: dict[str, Any]) -> dict[str, Any]:
+        return {**entry, "DelaySeconds": 901} if body_event_id(entry) == first.event_id else entry
+
+    client = FaultInjectingClient(
+        pipeline_client(aws, "sqs"), batch_method="send_message_batch", entries_key="Entries", alter=invalid_delay
+    )
+    sink = SqsSink(
+        SqsSinkSettings(type="sqs", queue_url=url), region=aws.region, endpoint_url=aws.endpoint_url, client=client
+    )
+    sink.open()
+    delivery = Delivery([sink], retry=QUICK, dead_letters=dead_letters, on_failure="block", concurrency=[1])
+    try:
+        delivery.submit(_batch([first, later]))
+        _wait_blocked(delivery)
+        assert first.event_id in str(delivery.error)
+        sent = [json.loads(m["Body"])["eventID"] for m in receive_all(sqs, url)]
+        assert later.event_id not in sent, (
+            f"the refused item's next change {later.event_id} was sent ({len(client.calls)} call(s))"
+        )
+    finally:
+        delivery.stop()
+
+
+# -- a destination forbidden while running ---------------------------------------------------------------------
+
+
+class RefusesEveryCall:
+    """The real client; every call of `method` is answered with a call-level error `code` (HTTP 400), as the
+    service answers once the destination may no longer be written. Every other call goes through."""
+
+    def __init__(self, real: Any, method: str | tuple[str, ...], code: str, operation: str) -> None:
+        self._real = real
+        self._methods = (method,) if isinstance(method, str) else method
+        self._code = code
+        self._operation = operation
+        self._lock = threading.Lock()
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._real, name)
+        if name not in self._methods:
+            return attribute
+
+        def call(**_kwargs: Any) -> Any:
+            with self._lock:
+                self.calls += 1
+            raise ClientError(
+                {
+                    "Error": {"Code": self._code, "Message": "User is not authorized to use this destination"},
+                    "ResponseMetadata": {"HTTPStatusCode": 400},
+                },
+                self._operation,
+            )
+
+        return call
+
+
+def _outcome(delivery: Delivery, records: list[ChangeRecord]) -> tuple[bool, BaseException | None]:
+    ticket = delivery.submit(_batch(records))
+    assert ticket is not None
+    wait_until(lambda: ticket.done or delivery.error is not None, timeout=30, what="the write to end")
+    return ticket.done, delivery.error
+
+
+@pytest.mark.parametrize("code", ["KmsAccessDenied", "KMS.AccessDeniedException", "KmsDisabled"])
+def test_a_queue_whose_kms_key_may_no_longer_be_used_stops_delivery_and_dead_letters_nothing(
+    aws: EmbeddedAws, dead_letters: JsonlDeadLetters, code: str
+) -> None:
+    """README, Guarantees: "A destination that is gone or forbidden while running (...; access denied for the
+    call) stops the pipeline naming it, rather than dead-letter the whole stream one record at a time." An
+    encrypted queue whose KMS key the pipeline's role may no longer use (or that was disabled) answers every
+    SendMessageBatch with KmsAccessDenied / KmsDisabled (the query-compatible code KMS.AccessDeniedException):
+    the sink maps it to a refusal of the call, the writer bisects down to single records and dead-letters every
+    one of them, and the batch is done, so the checkpoint moves past the whole stream."""
+    sqs = aws.client("sqs")
+    url = sqs.create_queue(QueueName=unique("changes"))["QueueUrl"]
+    client = RefusesEveryCall(pipeline_client(aws, "sqs"), "send_message_batch", code, "SendMessageBatch")
+    sink = SqsSink(
+        SqsSinkSettings(type="sqs", queue_url=url), region=aws.region, endpoint_url=aws.endpoint_url, client=client
+    )
+    sink.open()
+    delivery = Delivery([sink], retry=QUICK, dead_letters=dead_letters, concurrency=[1])
+    records = [_change(n, f"item-{n:02d}") for n in range(20)]
+    try:
+        done, error = _outcome(delivery, records)
+        dead = _dead_event_ids(dead_letters)
+        assert dead == [], f"{len(dead)} of {len(records)} records dead-lettered after {client.calls} calls ({code})"
+        assert not done and isinstance(error, DestinationUnusableError), f"batch done: {done}, error: {error!r}"
+    finally:
+        delivery.stop()
+
+
+def test_a_topic_whose_kms_key_may_no_longer_be_used_stops_delivery_and_dead_letters_nothing(
+    aws: EmbeddedAws, dead_letters: JsonlDeadLetters
+) -> None:
+    """As for the queue: SNS answers PublishBatch with KMSAccessDenied once the topic's key may not be used."""
+    sns = aws.client("sns")
+    topic = sns.create_topic(Name=unique("changes"))["TopicArn"]
+    client = RefusesEveryCall(pipeline_client(aws, "sns"), "publish_batch", "KMSAccessDenied", "PublishBatch")
+    sink = SnsSink(
+        SnsSinkSettings(type="sns", topic_arn=topic), region=aws.region, endpoint_url=aws.endpoint_url, client=client
+    )
+    sink.open()
+    delivery = Delivery([sink], retry=QUICK, dead_letters=dead_letters, concurrency=[1])
+    records = [_change(n, f"item-{n:02d}") for n in range(20)]
+    try:
+        done, error = _outcome(delivery, records)
+        dead = _dead_event_ids(dead_letters)
+        assert dead == [], f"{len(dead)} of {len(records)} records dead-lettered after {client.calls} calls"
+        assert not done and isinstance(error, DestinationUnusableError), f"batch done: {done}, error: {error!r}"
+    finally:
+        delivery.stop()
+
+
+def test_a_replica_whose_write_permission_is_revoked_stops_delivery_and_dead_letters_nothing(
+    aws: EmbeddedAws, replica: str, dead_letters: JsonlDeadLetters
+) -> None:
+    """README, Guarantees: a destination "forbidden while running (...; access denied for the call) stops the
+    pipeline"; the table of cases: "a sink's destination is deleted, or access to it revoked, while running ...
+    nothing is dead-lettered". The role loses dynamodb:PutItem on the replica: every PutItem (one call per change)
+    is answered AccessDeniedException, which the replica sink reports as a refusal of that record, so every change
+    of the stream is dead-lettered one at a time and the checkpoint moves on."""
+    client = RefusesEveryCall(
+        pipeline_client(aws, "dynamodb"), ("put_item", "delete_item"), "AccessDeniedException", "PutItem"
+    )
+    sink = _replica_sink(aws, replica, client)
+    delivery = Delivery([sink], retry=QUICK, dead_letters=dead_letters, concurrency=[4])
+    records = [_change(n, f"item-{n:02d}") for n in range(12)]
+    try:
+        done, error = _outcome(delivery, records)
+        dead = _dead_event_ids(dead_letters)
+        assert dead == [], f"{len(dead)} of {len(records)} changes dead-lettered after {client.calls} PutItem calls"
+        assert not done and isinstance(error, DestinationUnusableError), f"batch done: {done}, error: {error!r}"
+    finally:
+        delivery.stop()
+
+
+# -- what the status line calls in flight ----------------------------------------------------------------------
+
+
+class StuckOn(Sink):
+    """Takes every write at once, except one holding `stuck_event_id`, which waits until released."""
+
+    def __init__(self, stuck_event_id: str) -> None:
+        super().__init__("stuck")
+        self._stuck = stuck_event_id
+        self.release = threading.Event()
+
+    def write(self, batch: Batch) -> WriteResult:
+        if any(r.event_id == self._stuck for r in batch.records):
+            self.release.wait(30)
+        return WriteResult()
+
+
+def test_in_flight_counts_only_what_the_sinks_are_still_writing(dead_letters: JsonlDeadLetters) -> None:
+    """README, Operating it: the status line's `in flight` is "what the sinks are still writing"
+    (`Delivery.window_depth`: "Records and bytes handed to the sinks and not yet taken by all of them"). One
+    record is stuck in its write on one lane; behind it a batch of 10 the sink has taken on the other lane, and a
+    batch of 10 read of which the pipeline's filter admitted none (never handed to any sink). The sink is
+    writing 1 record; the status line and the JSON progress line (`in_flight`) say 21."""
+    stuck = _change(0, "hot")
+    stuck_lane = lane_of(stuck, 2)
+    sink = StuckOn(stuck.event_id)
+    delivery = Delivery([sink], retry=QUICK, dead_letters=dead_letters, concurrency=[2])
+    taken = [r for r in (_change(n, f"item-{n:03d}") for n in range(1, 200)) if lane_of(r, 2) != stuck_lane][:10]
+    dropped = [_change(n, f"other-{n:03d}") for n in range(200, 210)]
+    try:
+        first = delivery.submit(_batch([stuck]))
+        second = delivery.submit(_batch(taken))
+        third = delivery.submit(_batch([]), read=_batch(dropped))
+        assert first is not None and second is not None and third is not None
+        wait_until(lambda: second.done and third.done, timeout=20, what="the batches behind the stuck one")
+        assert not first.done and delivery.done() == []
+        in_flight = delivery.window_depth[0]
+        assert in_flight == 1, (
+            f"in flight: {in_flight} records while the sink is writing 1; {len(taken)} it has taken and "
+            f"{len(dropped)} the filter dropped are counted as still being written"
+        )
+    finally:
+        sink.release.set()
+        delivery.stop()
+
+
+# -- the stop line ---------------------------------------------------------------------------------------------
+
+
+def test_the_stop_line_counts_what_each_of_two_sinks_of_one_type_delivered(
+    aws: EmbeddedAws, dynamodb: Any, table: str, make_settings: Callable[..., Settings]
+) -> None:
+    """README, Running it: the stop line says "delivered: archive N, queue N", what each sink delivered. A sink's
+    `name` "defaults to the type" and nothing asks names to differ, so two queues (or two memory sinks here)
+    without one share it; `Ticket.taken` is keyed by the name, so each of them is said to have delivered what
+    both did: 5 changes read, each sink took 5, and the line says "memory 10, memory 10"."""
+    for n in range(5):
+        dynamodb.put_item(
+            TableName=table, Item={"pk": {"S": f"customer#{n}"}, "sk": {"S": f"order#{n:05d}"}, "amount": {"N": "1"}}
+        )
+    first, second = MemorySink(), MemorySink()
+    pipeline = Pipeline(make_settings(), sinks=[first, second])
+    pipeline.start()
+    try:
+        wait_until(lambda: pipeline.stats.checkpointed >= 5, timeout=20, what="the five changes checkpointed")
+    finally:
+        pipeline.stop(timeout=10)
+    assert (len(first.records), len(second.records)) == (5, 5)
+    summary = pipeline.stop_summary()
+    assert "delivered: memory 5, memory 5;" in summary, summary
+
+
+# -- health after a write that ended -------------------------------------------------------------------------
+
+
+class ThrottlesOne(Sink):
+    """Takes every record but one, which it reports throttled every time."""
+
+    def __init__(self, throttled_event_id: str) -> None:
+        super().__init__("throttles-one")
+        self._throttled = throttled_event_id
+
+    def write(self, batch: Batch) -> WriteResult:
+        return WriteResult(
+            failed={
+                r.event_id: RetryableSinkError(f"record {r.event_id}: throttled")
+                for r in batch.records
+                if r.event_id == self._throttled
+            }
+        )
+
+
+def test_a_sink_is_not_left_failing_once_its_write_ended_with_a_dead_letter(dead_letters: JsonlDeadLetters) -> None:
+    """README, Operating it: `/healthz` turns 503 naming a sink whose "writes failing" for `metrics.stall_seconds`
+    (`DeliveryStats.failing_since`: "while they do"). A record that failed itself `retry.max_attempts` times while
+    the others were taken is dead-lettered and the write is over, but the sink stays marked failing since that
+    attempt: with the stream quiet afterwards, health reports a healthy sink failing for as long as no other write
+    of it succeeds."""
+    one_attempt = RetryPolicy(RetrySettings(max_attempts=1, initial_delay_seconds=0.001, max_delay_seconds=0.01))
+    records = [_change(n, f"item-{n:02d}") for n in range(3)]
+    sink = ThrottlesOne(records[1].event_id)
+    delivery = Delivery([sink], retry=one_attempt, dead_letters=dead_letters, concurrency=[1])
+    try:
+        delivery.deliver(_batch(records))
+        assert _dead_event_ids(dead_letters) == [records[1].event_id]
+        assert delivery.stats.failing_since == {}, (
+            f"sink still marked failing after its write ended: {delivery.stats.last_error}"
+        )
+    finally:
+        delivery.stop()
