@@ -267,6 +267,18 @@ class Settings(BaseSettings):
     )
     sinks: list[SinkConfig] = Field(min_length=1)
 
+    @model_validator(mode="after")
+    def _sink_names_distinct(self) -> Settings:
+        """Names key the metrics, the dead letters and the counts: two sinks of one name would share them."""
+        names = [sink.name or sink.type for sink in self.sinks]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(
+                f"two [[sinks]] entries are named {twice[0]!r} (a sink's name defaults to its type): give each a "
+                "distinct `name`"
+            )
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -115,9 +115,10 @@ NEWER_WINS_CONDITION = "attribute_not_exists(#seq) OR #seq < :seq"
 ItemTransform = Callable[[ChangeRecord], Mapping[str, Any] | None]
 """A `transform`: the item to put for a change (plain Python values), or None to skip the change."""
 
-_UNUSABLE_CODES = frozenset({"ResourceNotFoundException"})
-"""The table itself is gone: no write of any record can succeed. (AccessDeniedException stays a refusal of the
-record: fine-grained access control, `dynamodb:LeadingKeys`, can deny some items and allow others.)"""
+_UNUSABLE_CODES = frozenset({"ResourceNotFoundException", "AccessDeniedException"})
+"""The table is gone, or these credentials may not write to it: stopping loses nothing, while dead-lettering
+would send the whole stream there and let the replica fall behind for good. (A policy that denies some items only,
+`dynamodb:LeadingKeys`, stops the pipeline at the first denied item, naming it.)"""
 
 _RETRYABLE_CODES = frozenset(
     {

@@ -23,7 +23,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from abc import abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -57,8 +57,27 @@ MAX_FIFO_ID_LENGTH = 128
 _MISSING_DESTINATION_CODES = frozenset(
     {"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist", "NotFound", "NotFoundException"}
 )
-# The caller may not use the destination at all (a call-level answer, never a per-entry one).
-_FORBIDDEN_CODES = frozenset({"AccessDenied", "AccessDeniedException", "AuthorizationError"})
+# The caller may not use the destination at all (call-level answers, never per-entry ones): its policy, or the
+# KMS key of a queue or topic with server-side encryption.
+_FORBIDDEN_CODES = frozenset(
+    {
+        "AccessDenied",
+        "AccessDeniedException",
+        "AuthorizationError",
+        "KmsAccessDenied",
+        "KMS.AccessDeniedException",
+        "KMSAccessDenied",
+        "KmsDisabled",
+        "KMS.DisabledException",
+        "KMSDisabled",
+        "KmsNotFound",
+        "KMS.NotFoundException",
+        "KMSNotFound",
+        "KmsInvalidState",
+        "KMS.KMSInvalidStateException",
+        "KMSInvalidState",
+    }
+)
 # Throttling codes of SQS, SNS and their KMS calls that pipeline.retry's shared list does not know.
 _THROTTLING_CODES = frozenset(
     {"RequestThrottled", "AWS.SimpleQueueService.RequestThrottled", "Throttled", "KmsThrottled", "KMSThrottling"}
@@ -334,7 +353,7 @@ def send_in_calls(messages: Sequence[OutgoingMessage], send: SendCall, *, fifo: 
     is held back.
     """
     failed: dict[str, SinkError] = {}
-    holding_back: dict[str, str] = {}  # item (FIFO group) -> event id of the record it waits for
+    holding_back: dict[Hashable, str] = {}  # item (FIFO group) -> event id of the record it waits for
     pending: list[OutgoingMessage] = []
     for message in messages:
         item = _item_of(message) if holding_back else None
@@ -381,8 +400,9 @@ def send_in_calls(messages: Sequence[OutgoingMessage], send: SendCall, *, fifo: 
     return WriteResult(failed=failed)
 
 
-def _item_of(message: OutgoingMessage) -> str:
-    return message.group_id if message.group_id is not None else message_group_id(message.record)
+def _item_of(message: OutgoingMessage) -> Hashable:
+    """The FIFO group; on a standard destination the item's key (equal keys meet, as on the lanes)."""
+    return message.group_id if message.group_id is not None else frozenset(message.record.keys.items())
 
 
 def _held_back(message: OutgoingMessage, waits_for: str, what: str) -> NotAttemptedError:
@@ -395,38 +415,29 @@ def _held_back(message: OutgoingMessage, waits_for: str, what: str) -> NotAttemp
 def _next_call(
     pending: Sequence[OutgoingMessage], *, fifo: bool
 ) -> tuple[list[OutgoingMessage], list[OutgoingMessage]]:
-    """The next call's messages, and what is left, both in order.
-
-    Standard: the longest prefix within the limits. FIFO: the earliest waiting message of each group, in order,
-    while they fit; a group whose next message does not fit sits this call out.
-    """
+    """The next call's messages, and what is left, both in order: the earliest waiting message of each item (FIFO
+    group) while they fit; an item whose next message does not fit sits this call out. One change per item per
+    call, so that a change the service refuses in a call cannot have the item's next change taken beside it."""
     call: list[OutgoingMessage] = []
     rest: list[OutgoingMessage] = []
     call_bytes = 0
-    groups_seen: set[str | None] = set()
+    items_seen: set[Hashable] = set()
     for index, message in enumerate(pending):
         if len(call) == MAX_BATCH_ENTRIES:
             rest.extend(pending[index:])
             break
-        fits = call_bytes + message.size <= MAX_MESSAGE_BYTES
-        if not fifo:
-            if not fits:
-                rest.extend(pending[index:])
-                break
-            call.append(message)
-            call_bytes += message.size
-            continue
-        if fits and message.group_id not in groups_seen:
+        item = _item_of(message)
+        if call_bytes + message.size <= MAX_MESSAGE_BYTES and item not in items_seen:
             call.append(message)
             call_bytes += message.size
         else:
             rest.append(message)
-        groups_seen.add(message.group_id)
+        items_seen.add(item)
     return call, rest
 
 
 def _hold_back(
-    pending: list[OutgoingMessage], holding_back: Mapping[str, str], failed: dict[str, SinkError], what: str
+    pending: list[OutgoingMessage], holding_back: Mapping[Hashable, str], failed: dict[str, SinkError], what: str
 ) -> list[OutgoingMessage]:
     still: list[OutgoingMessage] = []
     for message in pending:

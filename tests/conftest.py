@@ -102,8 +102,11 @@ def read_archive(aws: EmbeddedAws, bucket: str, prefix: str = "orders/") -> pa.T
 
 def stream_records(aws: EmbeddedAws, table: str) -> list[dict[str, Any]]:
     """Every record currently in the table's stream, read directly: the ground truth for a test."""
-    dynamodb = aws.client("dynamodb")
-    streams = aws.client("dynamodbstreams")
+    return read_stream(aws.client("dynamodb"), aws.client("dynamodbstreams"), table)
+
+
+def read_stream(dynamodb: Any, streams: Any, table: str) -> list[dict[str, Any]]:
+    """`stream_records` through the clients given (a test with its own endpoint or credentials)."""
     arn = dynamodb.describe_table(TableName=table)["Table"]["LatestStreamArn"]
     found: list[dict[str, Any]] = []
     for shard in streams.describe_stream(StreamArn=arn)["StreamDescription"]["Shards"]:

@@ -473,7 +473,7 @@ def test_block_mode_sends_no_later_change_of_the_refused_item_to_a_standard_queu
     records = [_change(n, f"item-{n:02d}") for n in range(20)]
     records[9] = _change(9, "item-hot", image={"blob": {"S": "x" * (300 * 1024)}})  # refused: over 256 KiB
     records[10] = _change(10, "item-hot")  # the same item's next change, in the next call of 10
-    client = HoldsCallsUntilSeen(pipeline_client(aws, "sqs"), awaited=records[10].event_id)
+    client = HoldsCallsUntilSeen(pipeline_client(aws, "sqs"), awaited=records[10].event_id, patience=2.0)
     sink = SqsSink(
         SqsSinkSettings(type="sqs", queue_url=url), region=aws.region, endpoint_url=aws.endpoint_url, client=client
     )

@@ -565,13 +565,13 @@ def test_permanent_client_errors_are_failed_per_record_not_retried(
     records = [change_record(sequence=10**20 + n, keys={"pk": {"S": "c"}, "sk": {"S": f"o{n}"}}) for n in range(3)]
 
     def fault(operation: str, params: Mapping[str, Any]) -> Exception | None:
-        return _client_error("AccessDeniedException", 400) if _sort_key(params) == "o1" else None
+        return _client_error("ValidationException", 400) if _sort_key(params) == "o1" else None
 
     sink = make_sink(replica, client=FaultyClient(dynamodb, fault))
     result = sink.write(_batch(records))
     assert list(result.failed) == [records[1].event_id]
     assert isinstance(result.failed[records[1].event_id], PermanentSinkError)
-    assert "AccessDeniedException" in str(result.failed[records[1].event_id])
+    assert "ValidationException" in str(result.failed[records[1].event_id])
     assert set(_scan(dynamodb, replica)) == {("c", "o0"), ("c", "o2")}
 
 

@@ -19,7 +19,7 @@ from pipeline.records import Batch, ChangeRecord
 from pipeline.runner import Pipeline
 from pipeline.settings import ConfigError, Settings, load_settings
 from pipeline.testing.emulator import EmbeddedAws
-from sinks.base import DestinationUnusableError, PermanentSinkError, RetryableSinkError
+from sinks.base import DestinationUnusableError, NotAttemptedError, PermanentSinkError, RetryableSinkError
 from sinks.messages import MAX_MESSAGE_BYTES, message_group_id
 from sinks.sqs import SqsSink, SqsSinkSettings
 from tests.conftest import stream_records, unique, wait_until
@@ -388,8 +388,13 @@ def test_fifo_retryable_entry_failures_hold_back_later_changes_to_the_same_item(
     assert [json.loads(m["Body"])["eventID"] for m in receive_all(sqs, fifo_queue_url)] == a_ids
 
 
-def test_standard_queue_failures_hold_nothing_back(aws: EmbeddedAws, sqs: Any, queue_url: str) -> None:
+def test_standard_queue_failure_holds_back_only_its_items_later_changes(
+    aws: EmbeddedAws, sqs: Any, queue_url: str
+) -> None:
+    """One change per item per call, and an item's later changes wait behind one not taken (a pipeline in block
+    mode must not send them); other items go on."""
     records = [change_record(sequence=300 + n, keys={"pk": {"S": "a"}}, event_id=f"s{n}") for n in range(4)]
+    records.append(change_record(sequence=310, keys={"pk": {"S": "b"}}, event_id="t0"))
     client = FaultInjectingClient(
         pipeline_client(aws, "sqs"),
         batch_method="send_message_batch",
@@ -397,8 +402,12 @@ def test_standard_queue_failures_hold_nothing_back(aws: EmbeddedAws, sqs: Any, q
         fail=lambda entry: body_event_id(entry) == "s0",
     )
     result = make_sink(aws, queue_url, client=client).write(batch_of(records))
-    assert list(result.failed) == ["s0"] and isinstance(result.failed["s0"], RetryableSinkError)
-    assert sorted(json.loads(m["Body"])["eventID"] for m in receive_all(sqs, queue_url)) == ["s1", "s2", "s3"]
+    assert sorted(result.failed) == ["s0", "s1", "s2", "s3"]
+    assert isinstance(result.failed["s0"], RetryableSinkError) and not isinstance(
+        result.failed["s0"], NotAttemptedError
+    )
+    assert all(isinstance(result.failed[e], NotAttemptedError) for e in ("s1", "s2", "s3"))
+    assert sorted(json.loads(m["Body"])["eventID"] for m in receive_all(sqs, queue_url)) == ["t0"]
 
 
 def _client_error(code: str, status: int, operation: str = "SendMessageBatch") -> ClientError:

@@ -30,7 +30,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pytest
 
-from tests.conftest import wait_until
+from tests.conftest import read_stream, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 README_PORT = "5000"
@@ -156,19 +156,11 @@ def newcomer_env() -> dict[str, str]:
 
 
 def stream_records(endpoint_url: str, table: str) -> list[dict[str, Any]]:
-    dynamodb = boto3.client("dynamodb", endpoint_url=endpoint_url, **CREDENTIALS)
-    streams = boto3.client("dynamodbstreams", endpoint_url=endpoint_url, **CREDENTIALS)
-    arn = dynamodb.describe_table(TableName=table)["Table"]["LatestStreamArn"]
-    records: list[dict[str, Any]] = []
-    for shard in streams.describe_stream(StreamArn=arn)["StreamDescription"]["Shards"]:
-        iterator = streams.get_shard_iterator(
-            StreamArn=arn, ShardId=shard["ShardId"], ShardIteratorType="TRIM_HORIZON"
-        )["ShardIterator"]
-        while iterator:
-            page = streams.get_records(ShardIterator=iterator)
-            records.extend(page["Records"])
-            iterator = page.get("NextShardIterator") if page["Records"] else None
-    return records
+    return read_stream(
+        boto3.client("dynamodb", endpoint_url=endpoint_url, **CREDENTIALS),
+        boto3.client("dynamodbstreams", endpoint_url=endpoint_url, **CREDENTIALS),
+        table,
+    )
 
 
 def archived_event_ids(endpoint_url: str) -> list[str]:

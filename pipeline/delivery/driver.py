@@ -122,6 +122,10 @@ class Delivery:
         max_bytes_in_flight: int = 64 * 1024 * 1024,
     ) -> None:
         self.sinks = list(sinks)
+        names = [sink.name for sink in self.sinks]
+        if len(set(names)) != len(names):
+            twice = next(name for name in names if names.count(name) > 1)
+            raise ValueError(f"two sinks are named {twice!r}: give each a distinct name")
         self._feeds = list(feeds) if feeds is not None else [SinkFeed()] * len(self.sinks)
         self._retry = retry
         self._on_failure = on_failure
@@ -220,8 +224,14 @@ class Delivery:
             return len(self._tickets)
 
     @property
+    def records_writing(self) -> int:
+        """Records of batches some sink is still writing (not those done and waiting to be handed back)."""
+        with self._tickets_lock:
+            return sum(len(ticket.batch) for ticket in self._tickets if not ticket.done)
+
+    @property
     def window_depth(self) -> tuple[int, int]:
-        """Records and bytes handed to the sinks and not yet taken by all of them."""
+        """Records and bytes the in-flight window holds: batches not yet handed back, counted as read."""
         return self._window.depth
 
     @property

@@ -248,6 +248,9 @@ class SinkWriter:
                     self.refuse(state.refused)
                 gone = {r.event_id for r in exhausted}
                 state.pending = subset([r for r in again if r.event_id not in gone])
+                if not state.pending.records:
+                    self._stats.succeeded(sink.name)  # the write is over: what is left went to dead letters
+                    return
             raise _RecordsRetryable(
                 f"{len(again)} record(s) not taken: {last}",
                 retry_after=last.retry_after,

@@ -112,7 +112,7 @@ class Progress:
             records_read=p.stats.records_read,
             checkpointed=p.stats.checkpointed,
             buffered=p.stats.buffered,
-            in_flight=p.delivery.window_depth[0],
+            in_flight=p.delivery.records_writing,
             queued=p.queue.depth[0],
             lag_seconds=round(max(ages), 3) if ages else None,
             shards=len(p.scheduler.progress),

@@ -1,25 +1,17 @@
-"""Delivery promises of README "Guarantees and failure model" and "Delivery and concurrency" that still do not hold
-after the in-flight window, per-record attempt counts, hold-backs, block mode and unusable destinations were
-reworked. Each test states the promise it checks and the scenario that breaks it.
+"""Delivery's promises for refusals and the counts an operator reads, in the scenarios that break them most easily:
 
-- block mode: "other lanes finish the call they are in and start no new one", but a lane's write is many calls
-  (one PutItem per change for the replica, one SendMessageBatch per 10 messages) and the stop is looked at only
-  between rounds of a write;
-- block mode: "no later change of the refused item is written", but a standard queue puts an item's next change
-  in the same SendMessageBatch as the change it refuses;
-- "a destination that is gone or forbidden while running ... stops the pipeline naming it, rather than
-  dead-letter the whole stream one record at a time": a queue or topic whose KMS key may no longer be used, and a
-  replica whose write permission is revoked, get every record dead-lettered instead;
-- the status line's `in flight` is "what the sinks are still writing", but it is the window, which also counts
-  batches the sinks have finished and records the pipeline's filter dropped;
-- the stop line's per-sink `delivered` counts by sink name, and two sinks of one type share their default name;
-- a sink whose write ended with a record dead-lettered after `retry.max_attempts` stays marked failing, which
-  `/healthz` reports once `metrics.stall_seconds` have passed.
+- block mode writes no later change of the refused item, also when a standard queue would have sent it in the
+  same SendMessageBatch as the change it refuses (one change per item per call);
+- a destination gone or forbidden while running stops delivery naming it instead of dead-lettering the whole
+  stream: a queue or topic whose KMS key may no longer be used, a replica whose write permission is revoked;
+- the status line's `in flight` counts what the sinks are still writing, not batches done behind a slower one or
+  records the pipeline's filter dropped;
+- the stop line says what each sink delivered, and sinks need distinct names;
+- a sink whose write ended with a record dead-lettered after `retry.max_attempts` is no longer marked failing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 from collections.abc import Callable, Mapping
@@ -104,73 +96,6 @@ def _replica_sink(aws: EmbeddedAws, replica: str, client: Any) -> DynamoDbTableS
 
 
 # -- block mode ------------------------------------------------------------------------------------------------
-
-
-class ReplicaWritesAfterBlock:
-    """The real DynamoDB client. The refused item's PutItem waits until another lane's first PutItem has started;
-    that PutItem waits until the delivery has blocked (each wait at most `patience` seconds), so the block lands
-    while it is in flight. Every later PutItem notes whether the delivery had blocked when it started."""
-
-    def __init__(self, real: Any, refused_pk: str, patience: float = 10.0) -> None:
-        self._real = real
-        self._refused_pk = refused_pk
-        self._patience = patience
-        self.delivery: Delivery | None = None
-        self.started_after_block: list[str] = []
-        self._other_started = threading.Event()
-        self._lock = threading.Lock()
-
-    def __getattr__(self, name: str) -> Any:
-        attribute = getattr(self._real, name)
-        if name != "put_item":
-            return attribute
-
-        def call(**kwargs: Any) -> Any:
-            delivery = self.delivery
-            assert delivery is not None
-            pk = kwargs["Item"]["pk"]["S"]
-            if pk == self._refused_pk:
-                self._other_started.wait(self._patience)
-                return attribute(**kwargs)
-            with self._lock:
-                first = not self._other_started.is_set()
-                self._other_started.set()
-                if not first and delivery.error is not None:
-                    self.started_after_block.append(pk)
-            if first:
-                with contextlib.suppress(AssertionError):
-                    wait_until(lambda: delivery.error is not None, timeout=self._patience, what="the block")
-            return attribute(**kwargs)
-
-        return call
-
-
-def test_after_a_block_other_replica_lanes_start_no_new_write(
-    aws: EmbeddedAws, dynamodb: Any, replica: str, dead_letters: JsonlDeadLetters
-) -> None:
-    """README, Delivery and concurrency: block mode stops as soon as a refusal is known, "and other lanes finish
-    the call they are in and start no new one or retry". The replica refuses one item's change (over 400 KB) on
-    one lane while the other lane is in the first of its part's six PutItems. Lanes look at the stop only between
-    rounds of a write, and a replica write is one PutItem per change: the other lane goes on with the remaining
-    five after the pipeline blocked (as a standard or FIFO queue's lane goes on with a part's later calls)."""
-    refused = _change(0, "item-refused", image={"blob": {"S": "x" * (410 * 1024)}})
-    refused_lane = lane_of(refused, 2)
-    others = [r for r in (_change(n, f"item-{n:03d}") for n in range(1, 200)) if lane_of(r, 2) != refused_lane][:6]
-    client = ReplicaWritesAfterBlock(pipeline_client(aws, "dynamodb"), refused_pk="item-refused")
-    sink = _replica_sink(aws, replica, client)
-    delivery = Delivery([sink], retry=QUICK, dead_letters=dead_letters, on_failure="block", concurrency=[2])
-    client.delivery = delivery
-    try:
-        delivery.submit(_batch([*others, refused]))
-        _wait_blocked(delivery)
-        assert refused.event_id in str(delivery.error)
-        wait_until(lambda: not delivery.busy, timeout=20, what="the lanes to finish")
-        assert client.started_after_block == [], (
-            f"{len(client.started_after_block)} PutItem call(s) started after the pipeline blocked: "
-            f"{client.started_after_block}"
-        )
-    finally:
-        delivery.stop()
 
 
 def test_block_mode_sends_no_later_change_of_the_refused_item_in_the_same_call_to_a_standard_queue(
@@ -360,7 +285,7 @@ def test_in_flight_counts_only_what_the_sinks_are_still_writing(dead_letters: Js
         assert first is not None and second is not None and third is not None
         wait_until(lambda: second.done and third.done, timeout=20, what="the batches behind the stuck one")
         assert not first.done and delivery.done() == []
-        in_flight = delivery.window_depth[0]
+        in_flight = delivery.records_writing  # what the status line and the JSON progress line show
         assert in_flight == 1, (
             f"in flight: {in_flight} records while the sink is writing 1; {len(taken)} it has taken and "
             f"{len(dropped)} the filter dropped are counted as still being written"
@@ -373,18 +298,18 @@ def test_in_flight_counts_only_what_the_sinks_are_still_writing(dead_letters: Js
 # -- the stop line ---------------------------------------------------------------------------------------------
 
 
-def test_the_stop_line_counts_what_each_of_two_sinks_of_one_type_delivered(
+def test_the_stop_line_counts_what_each_sink_delivered_and_sinks_need_distinct_names(
     aws: EmbeddedAws, dynamodb: Any, table: str, make_settings: Callable[..., Settings]
 ) -> None:
-    """README, Running it: the stop line says "delivered: archive N, queue N", what each sink delivered. A sink's
-    `name` "defaults to the type" and nothing asks names to differ, so two queues (or two memory sinks here)
-    without one share it; `Ticket.taken` is keyed by the name, so each of them is said to have delivered what
-    both did: 5 changes read, each sink took 5, and the line says "memory 10, memory 10"."""
+    """README, Running it: the stop line says what each sink delivered. Names key those counts (and the metrics
+    and dead letters), so two sinks of one name are refused rather than counted as one."""
     for n in range(5):
         dynamodb.put_item(
             TableName=table, Item={"pk": {"S": f"customer#{n}"}, "sk": {"S": f"order#{n:05d}"}, "amount": {"N": "1"}}
         )
-    first, second = MemorySink(), MemorySink()
+    with pytest.raises(ValueError, match="two sinks are named 'memory'"):
+        Pipeline(make_settings(), sinks=[MemorySink(), MemorySink()])
+    first, second = MemorySink("first"), MemorySink("second")
     pipeline = Pipeline(make_settings(), sinks=[first, second])
     pipeline.start()
     try:
@@ -393,7 +318,7 @@ def test_the_stop_line_counts_what_each_of_two_sinks_of_one_type_delivered(
         pipeline.stop(timeout=10)
     assert (len(first.records), len(second.records)) == (5, 5)
     summary = pipeline.stop_summary()
-    assert "delivered: memory 5, memory 5;" in summary, summary
+    assert "delivered: first 5, second 5;" in summary, summary
 
 
 # -- health after a write that ended -------------------------------------------------------------------------
