@@ -15,6 +15,7 @@ import pyarrow.dataset as ds
 import pytest
 import s3fs
 
+from pipeline.delivery.dead_letter import JsonlDeadLetters
 from pipeline.settings import Settings, load_settings
 from pipeline.testing.emulator import EmbeddedAws, create_stream_table
 
@@ -138,3 +139,22 @@ def _root_logging_restored() -> Iterator[None]:
         if handler not in before and not type(handler).__module__.startswith("_pytest"):
             root.removeHandler(handler)
     root.setLevel(level)
+
+
+@pytest.fixture
+def dead_letters(tmp_path: Path) -> JsonlDeadLetters:
+    """A JSONL dead-letter file in the test's directory (test files with other needs define their own)."""
+    return JsonlDeadLetters(tmp_path / "dead.jsonl")
+
+
+@pytest.fixture
+def replica(dynamodb: Any) -> str:
+    """An empty replica table keyed pk (hash) and sk (range), as the source tables of these tests."""
+    name = unique("replica")
+    dynamodb.create_table(
+        TableName=name,
+        BillingMode="PAY_PER_REQUEST",
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+        AttributeDefinitions=[{"AttributeName": a, "AttributeType": "S"} for a in ("pk", "sk")],
+    )
+    return name

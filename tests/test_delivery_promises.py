@@ -18,10 +18,8 @@ import contextlib
 import json
 import threading
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
-import pytest
 from botocore.exceptions import ClientError
 
 from pipeline.delivery.dead_letter import JsonlDeadLetters
@@ -41,11 +39,6 @@ from tests.factories import change_record
 from tests.test_sink_sqs import FaultInjectingClient, pipeline_client, receive_all
 
 QUICK = RetryPolicy(RetrySettings(max_attempts=3, initial_delay_seconds=0.001, max_delay_seconds=0.01))
-
-
-@pytest.fixture
-def dead_letters(tmp_path: Path) -> JsonlDeadLetters:
-    return JsonlDeadLetters(tmp_path / "dead.jsonl")
 
 
 def _dead_event_ids(dead_letters: JsonlDeadLetters) -> list[str]:
@@ -244,18 +237,6 @@ def test_block_mode_sends_no_later_change_of_an_item_whose_message_a_fifo_queue_
         assert next_change.event_id not in sent, "the refused item's next change was sent before the pipeline stopped"
     finally:
         delivery.stop()
-
-
-@pytest.fixture
-def replica(dynamodb: Any) -> str:
-    name = unique("replica")
-    dynamodb.create_table(
-        TableName=name,
-        BillingMode="PAY_PER_REQUEST",
-        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
-        AttributeDefinitions=[{"AttributeName": a, "AttributeType": "S"} for a in ("pk", "sk")],
-    )
-    return name
 
 
 def _replica_sink(aws: EmbeddedAws, replica: str, client: Any = None) -> DynamoDbTableSink:

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
 
 from pipeline.delivery.dead_letter import JsonlDeadLetters
-from pipeline.delivery.driver import Delivery, DeliveryBlockedError
+from pipeline.delivery.driver import Delivery
 from pipeline.delivery.lanes import lane_of
 from pipeline.records import Batch, ChangeRecord
 from pipeline.retry import RetryPolicy
@@ -30,70 +29,12 @@ from pipeline.runner import Pipeline
 from pipeline.settings import RetrySettings, Settings
 from pipeline.testing.emulator import EmbeddedAws
 from sinks.base import DestinationUnusableError, RetryableSinkError, Sink, WriteResult
-from sinks.dynamodb_table import DynamoDbTableSink, DynamoDbTableSinkSettings
 from sinks.memory import MemorySink
 from sinks.sns import SnsSink, SnsSinkSettings
 from sinks.sqs import SqsSink, SqsSinkSettings
 from tests.conftest import unique, wait_until
-from tests.factories import change_record
+from tests.test_delivery_promises import QUICK, _batch, _change, _dead_event_ids, _replica_sink, _wait_blocked
 from tests.test_sink_sqs import FaultInjectingClient, body_event_id, pipeline_client, receive_all
-
-QUICK = RetryPolicy(RetrySettings(max_attempts=3, initial_delay_seconds=0.001, max_delay_seconds=0.01))
-
-
-@pytest.fixture
-def dead_letters(tmp_path: Path) -> JsonlDeadLetters:
-    return JsonlDeadLetters(tmp_path / "dead.jsonl")
-
-
-def _dead_event_ids(dead_letters: JsonlDeadLetters) -> list[str]:
-    if not dead_letters.path.exists():
-        return []
-    return [json.loads(line)["event_id"] for line in dead_letters.path.read_text().splitlines()]
-
-
-def _change(n: int, pk: str, *, image: Mapping[str, Any] | None = None) -> ChangeRecord:
-    keys = {"pk": {"S": pk}, "sk": {"S": "a"}}
-    return change_record(
-        sequence=10**20 + n,
-        event_name="MODIFY",
-        keys=keys,
-        new_image={**keys, "n": {"N": str(n)}, **(image or {})},
-        event_id=f"e{n:04d}",
-    )
-
-
-def _batch(records: list[ChangeRecord]) -> Batch:
-    return Batch(tuple(records), sum(r.size_bytes for r in records))
-
-
-def _wait_blocked(delivery: Delivery) -> None:
-    wait_until(lambda: delivery.error is not None, timeout=20, what="the delivery to block")
-    assert isinstance(delivery.error, DeliveryBlockedError), f"stopped with {delivery.error!r}"
-
-
-@pytest.fixture
-def replica(dynamodb: Any) -> str:
-    name = unique("replica")
-    dynamodb.create_table(
-        TableName=name,
-        BillingMode="PAY_PER_REQUEST",
-        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
-        AttributeDefinitions=[{"AttributeName": a, "AttributeType": "S"} for a in ("pk", "sk")],
-    )
-    return name
-
-
-def _replica_sink(aws: EmbeddedAws, replica: str, client: Any) -> DynamoDbTableSink:
-    sink = DynamoDbTableSink(
-        DynamoDbTableSinkSettings(type="dynamodb_table", table_name=replica),
-        region=aws.region,
-        endpoint_url=aws.endpoint_url,
-        client=client,
-    )
-    sink.open()
-    return sink
-
 
 # -- block mode ------------------------------------------------------------------------------------------------
 
