@@ -75,6 +75,12 @@ class ChangeRecord:
         """Sequence numbers are decimal strings of varying length: compare them as integers."""
         return int(self.sequence_number)
 
+    @property
+    def item_key(self) -> frozenset[tuple[str, Any]]:
+        """Which item the change is of, hashable: equal keys meet (and equal numbers, "1" and "1.0"), so every
+        change of one item gets the same lane, message group and hold-back."""
+        return frozenset(self.keys.items())
+
 
 @dataclass(frozen=True, slots=True)
 class Batch:

@@ -514,8 +514,7 @@ class Pipeline:
         self.stats.committed.update(positions)
         self.stats.checkpointed += progress.records
         self.stats.buffered -= progress.delivered
-        for sink, count in progress.by_sink.items():
-            self.stats.delivered_by_sink[sink] = self.stats.delivered_by_sink.get(sink, 0) + count
+        self.stats.delivered_by_sink.update(progress.by_sink)
         now = time.time()
         for shard_id, sequence in positions.items():
             progress_of = self.scheduler.progress.get(shard_id)

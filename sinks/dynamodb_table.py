@@ -295,7 +295,7 @@ class DynamoDbTableSink(Sink):
         by_key: dict[tuple[tuple[str, Any], ...], list[_Write]] = {}
         unplanned: dict[frozenset[tuple[str, Any]], str] = {}  # source item -> the change that could not be planned
         for record in batch.records:
-            item = frozenset(record.keys.items())
+            item = record.item_key
             if item in unplanned:  # its earlier change is refused: a pipeline in block mode must not apply this one
                 failed[record.event_id] = NotAttemptedError(
                     f"event {record.event_id} held back: event {unplanned[item]}, an earlier change to the same "

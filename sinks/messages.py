@@ -402,7 +402,7 @@ def send_in_calls(messages: Sequence[OutgoingMessage], send: SendCall, *, fifo: 
 
 def _item_of(message: OutgoingMessage) -> Hashable:
     """The FIFO group; on a standard destination the item's key (equal keys meet, as on the lanes)."""
-    return message.group_id if message.group_id is not None else frozenset(message.record.keys.items())
+    return message.group_id if message.group_id is not None else message.record.item_key
 
 
 def _held_back(message: OutgoingMessage, waits_for: str, what: str) -> NotAttemptedError:

@@ -57,7 +57,6 @@ class SinkLanes:
         self._chunk = max(1, sink.call_size)
         self._on_error = on_error
         self._queues: list[queue.SimpleQueue[_Part | None]] = []
-        self._threads: list[threading.Thread] = []
         self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._outstanding = 0
@@ -121,7 +120,6 @@ class SinkLanes:
                 target=self._run, args=(work,), name=f"{self.name}-lane-{len(self._queues)}", daemon=True
             )
             self._queues.append(work)
-            self._threads.append(thread)
             thread.start()
         return self._queues[index]
 
@@ -145,5 +143,5 @@ class SinkLanes:
 
 
 def lane_of(record: ChangeRecord, lanes: int) -> int:
-    """The lane an item's changes all go to: by its key, so equal keys (and equal numbers, "1" and "1.0") meet."""
-    return hash(frozenset(record.keys.items())) % lanes
+    """The lane an item's changes all go to (`ChangeRecord.item_key`)."""
+    return hash(record.item_key) % lanes

@@ -127,8 +127,9 @@ class SinkWriter:
         refused = self._isolate(batch, stopped)
         if refused:
             self.refuse(refused)
-        self._stats.add(self._stats.delivered, self.sink.name, len(batch) - len(refused))
-        return len(batch) - len(refused)
+        taken = len(batch) - len(refused)
+        self._stats.add(self._stats.delivered, self.sink.name, taken)
+        return taken
 
     def refuse(self, refused: list[tuple[ChangeRecord, SinkError]]) -> None:
         """Dead-letter refused records (durably, before the checkpoint can pass them), or stop in block mode."""

@@ -30,7 +30,7 @@ class PipelineStats:
     checkpoints_written: int = 0
     checkpointed: int = 0
     """Records read whose positions checkpoints cover (delivered, dead-lettered or filtered): never read again."""
-    delivered_by_sink: dict[str, int] = field(default_factory=dict)
+    delivered_by_sink: collections.Counter[str] = field(default_factory=collections.Counter)
     """Per sink: records it took, made durable, and a checkpoint covers: what a restart will not send again."""
     buffered: int = 0
     """Records every sink has taken that wait for a flush and the checkpoint after it: a buffering sink (the
