@@ -216,6 +216,9 @@ class S3ParquetSink(Sink):
         self._endpoint_url = endpoint_url
         self._fs = filesystem
         self._parts: dict[tuple[str, str], _PartBuffer] = {}
+        self._sealed: list[tuple[tuple[str, str], _PartBuffer]] = []
+        """Parts a flush tried and did not write: they take no more rows, so a retry writes the object the failed
+        upload may have stored after all under the same name (first and last sequence unchanged)."""
         self._buffered_bytes = 0
         self._oldest: float | None = None
         self._uploads: ThreadPoolExecutor | None = None
@@ -309,24 +312,28 @@ class S3ParquetSink(Sink):
             self._flush()
 
     def _flush(self) -> None:
-        if not self._parts:
+        # Rows written from now on go to new parts; these are uploaded until each is written.
+        self._sealed.extend(self._parts.items())
+        self._parts = {}
+        if not self._sealed:
             self._oldest = None
             return
         if self._uploads is None:
             self._uploads = ThreadPoolExecutor(
                 self._settings.upload_concurrency, thread_name_prefix=f"{self.name}-upload"
             )
-        pending = [(key, self._uploads.submit(self._upload, key, part)) for key, part in self._parts.items()]
+        pending = [(key, part, self._uploads.submit(self._upload, key, part)) for key, part in self._sealed]
         errors: list[BaseException] = []
-        for key, future in pending:  # in buffer order, whichever finished first
+        self._sealed = []
+        for key, part, future in pending:  # in buffer order, whichever finished first
             error = future.exception()
             if error is not None:
                 errors.append(error)
+                self._sealed.append((key, part))
                 continue
             self.objects_written += 1
             self.last_object = future.result()
-            self._buffered_bytes -= sum(t.nbytes for t in self._parts[key].tables)
-            del self._parts[key]
+            self._buffered_bytes -= sum(t.nbytes for t in part.tables)
         if errors:
             for error in errors[1:]:
                 log.warning("sink %s: %s", self.name, error)

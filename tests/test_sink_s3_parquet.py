@@ -19,7 +19,7 @@ from pipeline.testing.emulator import EmbeddedAws
 from sinks.base import PermanentSinkError, RetryableSinkError
 from sinks.s3_parquet import S3ParquetSink, S3ParquetSinkSettings
 from tests.factories import change_record
-from tests.fault_proxy import SLOW_DOWN, Fault, FaultProxy, RequestInfo
+from tests.fault_proxy import RESET_AFTER_FORWARD, SLOW_DOWN, Fault, FaultProxy, RequestInfo
 
 HOUR_END = datetime(2026, 5, 27, 10, 59, 58, tzinfo=UTC)
 
@@ -113,6 +113,30 @@ def test_a_flush_that_fails_part_way_keeps_only_the_unwritten_parts(
     final = _objects(aws, bucket)
     assert len(final) == len(shards)
     assert {ids[0] for ids in final.values()} == {f"{shard}-7" for shard in shards}
+    assert sink.buffered_bytes == 0 and sink.flush_due(0.0)
+
+
+def test_rows_written_while_a_failed_flush_waits_for_its_retry_do_not_rename_its_objects(
+    aws: EmbeddedAws, bucket: str, proxy: FaultProxy
+) -> None:
+    """The lanes go on writing between a failed flush and its retry. An upload whose answer was lost may have been
+    stored: the retry must write the same object name, or the rows it holds would be archived twice."""
+    sink = _sink(aws, bucket, proxy.endpoint_url)
+    first = _record("shard00", 7, HOUR_END)
+    sink.write(Batch((first,), first.size_bytes))
+    proxy.inject(lambda request: request.method == "PUT", RESET_AFTER_FORWARD)
+    with pytest.raises(RetryableSinkError):
+        sink.flush()
+    assert sorted(_objects(aws, bucket)) == ["orders/dt=2026-05-27/hour=10/shard00-7-7.parquet"]  # stored anyway
+    later = _record("shard00", 8, HOUR_END)
+    sink.write(Batch((later,), later.size_bytes))
+    proxy.clear()
+    sink.flush()
+    sink.close()
+    assert _objects(aws, bucket) == {
+        "orders/dt=2026-05-27/hour=10/shard00-7-7.parquet": ["shard00-7"],
+        "orders/dt=2026-05-27/hour=10/shard00-8-8.parquet": ["shard00-8"],
+    }
     assert sink.buffered_bytes == 0 and sink.flush_due(0.0)
 
 
