@@ -85,6 +85,7 @@ class AwsClients:
         max_pool_connections: int = 10,
         *,
         fast_get_records: bool = True,
+        agent: str | None = None,
     ) -> None:
         self.region = resolve_region(region)
         self.endpoint_url = endpoint_url
@@ -98,7 +99,8 @@ class AwsClients:
             # CPU per call is what bounds a sink once calls overlap (a replica makes one call per item). botocore
             # builds its User-Agent afresh for every request unless it is given one (about a quarter of a small
             # call's CPU), and it validates every request against the model, which the service does anyway.
-            user_agent=f"streamsink/{version()}",
+            # `agent` (the worker) tells in CloudTrail, and in the stream simulator's call log, who called.
+            user_agent=f"streamsink/{version()}" + (f" {agent}" if agent else ""),
             parameter_validation=False,
         )
         self._lock = threading.Lock()

@@ -40,7 +40,8 @@ from pipeline.source.stream import (
     resolve_stream_arn,
     table_name_of,
 )
-from pipeline.state.checkpoint import CheckpointStore, StoredState, StreamStart
+from pipeline.state.checkpoint import Checkpoint, CheckpointStore, StoredState, StreamStart
+from pipeline.state.leases import LeaseCoordinator, default_worker_id, local_identity
 from sinks.base import Sink, SinkError
 from sinks.registry import build_sink
 
@@ -76,8 +77,12 @@ class Pipeline:
         # Settings built in code rather than by load_settings get their inherited regions and endpoints here.
         self.settings = settings = resolve_locations(settings)
         source = settings.source
+        self.worker_id = settings.lease.worker_id or default_worker_id()
         self.clients = clients or AwsClients(
-            source.region, source.endpoint_url, max_pool_connections=settings.reader.poll_workers + 4
+            source.region,
+            source.endpoint_url,
+            max_pool_connections=settings.reader.poll_workers + 4,
+            agent=f"worker/{self.worker_id}",
         )
         self.sinks: list[Sink] = (
             list(sinks)
@@ -132,6 +137,22 @@ class Pipeline:
         self._delivery_thread: threading.Thread | None = None
         self._discovery_thread: threading.Thread | None = None
         self._assembler: BatchAssembler | None = None
+        self.leases = LeaseCoordinator(
+            self.worker_id,
+            failover_seconds=settings.lease.failover_seconds,
+            steal_after_seconds=settings.lease.pass_interval,
+            identity=local_identity(),
+        )
+        self.lease_failing_since: float | None = None
+        self._leased: dict[str, int] = {}
+        """Shards whose lease this worker holds, and the epoch it holds them at."""
+        self._shedding: dict[str, tuple[str | None, float]] = {}
+        """Shards being given up: the last sequence number read, and since when (monotonic) they drain."""
+        self._beat = 0
+        self._lease_thread: threading.Thread | None = None
+        self._lease_wake = threading.Event()
+        self._pass_now = threading.Event()
+        self._schedule_lock = threading.Lock()
 
     # -- start -------------------------------------------------------------------------------------------
 
@@ -158,6 +179,7 @@ class Pipeline:
             stream_arn=self.stream_arn,
             consumer_name=self.settings.checkpoint.consumer_name,
             retry=self.retry,
+            worker=self.worker_id,
         )
         store.ensure_table(self.settings.checkpoint.create_table)
         self._check_stream_in_use(store)
@@ -169,21 +191,29 @@ class Pipeline:
         rows = store.known()
         self.lineage.mark_finished(shard_id for shard_id, row in rows.items() if row.finished)
         self.stats.committed.update({s: row.sequence_number for s, row in rows.items() if row.sequence_number})
+        self._heartbeat()
+        store.announce()  # peers above their share give some up now, not at their next pass
+        self._lease_pass()
         log.info(
-            "stream %s: %d shard(s), %d checkpoint(s), started %s, sinks: %s",
+            "stream %s: %d shard(s), %d checkpoint(s), started %s, worker %s holds %d lease(s) of %d live "
+            "worker(s), sinks: %s",
             self.stream_arn,
             len(shards),
             sum(1 for row in rows.values() if row.sequence_number),
             _describe_start(self.stream_start),
+            self.worker_id,
+            len(self._leased),
+            len(self.leases.live_workers()),
             ", ".join(s.name for s in self.sinks),
         )
 
-        self._schedule_readable()
         self.scheduler.start()
         self._delivery_thread = threading.Thread(target=self._deliver_loop, name="delivery", daemon=True)
         self._delivery_thread.start()
         self._discovery_thread = threading.Thread(target=self._discovery_loop, name="discovery", daemon=True)
         self._discovery_thread.start()
+        self._lease_thread = threading.Thread(target=self._lease_loop, name="leases", daemon=True)
+        self._lease_thread.start()
 
     def _check_stream_in_use(self, store: CheckpointStore) -> None:
         """Reading by table name, the stream must be the one this consumer read before; an explicit stream ARN
@@ -287,15 +317,193 @@ class Pipeline:
         )
 
     def _schedule_readable(self) -> None:
+        """Read every shard this worker leases that lineage lets be read and that is not being read yet."""
         streams = self.clients.client("dynamodbstreams")
-        for shard in self.lineage.readable(exclude=self._reading):
-            reader = self._fixed_readers.pop(shard.shard_id, None)
-            if reader is None:
-                start, not_before = self._start_position(shard)
-                reader = self._reader(shard, streams, start, not_before)
-            self._reading.add(shard.shard_id)
-            log.info("reading shard %s from %s", shard.shard_id, _describe_reader(reader))
-            self.scheduler.add(reader)
+        with self._schedule_lock:
+            for shard in self.lineage.readable(exclude=self._reading | self._unlisted_unfinished()):
+                if shard.shard_id not in self._leased or shard.shard_id in self._shedding:
+                    continue
+                reader = self._fixed_readers.pop(shard.shard_id, None)
+                if reader is None:
+                    start, not_before = self._start_position(shard)
+                    reader = self._reader(shard, streams, start, not_before)
+                self._reading.add(shard.shard_id)
+                log.info("reading shard %s from %s", shard.shard_id, _describe_reader(reader))
+                self.scheduler.add(reader)
+
+    def _unlisted_unfinished(self) -> set[str]:
+        """Rows of shards the stream no longer lists that are not finished: a peer may still be reading one
+        (it aged out of the listing while an outage held its reader), so its children wait."""
+        assert self.store is not None
+        listed = {s.shard_id for s in self.lineage.shards()}
+        return {s for s, row in self.store.known().items() if not row.finished and s not in listed}
+
+    # -- leases ------------------------------------------------------------------------------------------
+
+    def _heartbeat(self) -> bool:
+        """Show this worker is alive and read the others' heartbeats; True if a pass should follow now (a worker
+        joined, left or expired, or leases were released)."""
+        assert self.store is not None
+        self._beat += 1
+        self.store.heartbeat(self._beat, len(self._leased), self.leases.identity)
+        workers, changes = self.store.coordination()
+        changed = self.leases.observe(workers)
+        announced = self.leases.last_changes is not None and changes != self.leases.last_changes
+        self.leases.last_changes = changes
+        self.stats.live_workers = len(self.leases.live_workers())
+        self.stats.leases_held = len(self._leased)
+        return changed or announced
+
+    def _lease_pass(self) -> None:
+        """Read every row, notice leases lost, then take, steal and give up towards an even share."""
+        assert self.store is not None
+        state = self.store.load_state()
+        self.lineage.mark_finished(s for s, row in state.checkpoints.items() if row.finished)
+        self._notice_lost(state.checkpoints)
+        readable = [s.shard_id for s in self.lineage.readable(exclude=self._unlisted_unfinished())]
+        plan = self.leases.plan(state, readable)
+        self.stats.live_workers = plan.live_workers
+        for row in plan.take:
+            self._take(row, "taken")
+        if plan.steal is not None:
+            self._take(plan.steal, "stolen")
+        shed = [s for s in plan.shed if s not in self._shedding]
+        if shed:
+            self._shed(shed, plan.share)
+        self.stats.leases_held = len(self._leased)
+        self._schedule_readable()
+
+    def _take(self, row: Checkpoint, how: str) -> None:
+        assert self.store is not None
+        taken = self.store.take(row)
+        if taken is None:
+            return  # another worker was quicker
+        self._leased[row.shard_id] = taken.lease_epoch
+        self.stats.lease_events[how] += 1
+        if row.owner is not None:
+            log.info("lease of shard %s %s from worker %s", row.shard_id, how, row.owner)
+
+    def _notice_lost(self, rows: dict[str, Checkpoint]) -> None:
+        lost = [
+            s
+            for s, epoch in self._leased.items()
+            if s not in rows or rows[s].owner != self.worker_id or rows[s].lease_epoch != epoch
+        ]
+        for shard_id in lost:
+            row = rows.get(shard_id)
+            self._lose(shard_id, f"now held by {row.owner or 'nobody'}" if row is not None else "its row is gone")
+
+    def _lose(self, shard_id: str, why: str) -> None:
+        """Stop reading a shard whose lease went to another worker: its checkpoint is that worker's now."""
+        if self._leased.pop(shard_id, None) is None:
+            return
+        self.stats.lease_events["lost"] += 1
+        self._shedding.pop(shard_id, None)
+        self._stop_reading(shard_id)
+        log.warning(
+            "lease of shard %s lost (%s): stopped reading it; what this worker read past its checkpoint is "
+            "read again by the new owner",
+            shard_id,
+            why,
+        )
+
+    def _stop_reading(self, shard_id: str) -> str | None:
+        """Drop a shard's reader; returns the last sequence number it read."""
+        progress = self.scheduler.progress.get(shard_id)
+        last = progress.last_sequence_read if progress is not None else None
+        self.scheduler.remove(shard_id)
+        with self._schedule_lock:
+            self._reading.discard(shard_id)
+            self._fixed_readers.pop(shard_id, None)
+        return last
+
+    def _shed(self, shard_ids: list[str], share: int) -> None:
+        """Give up leases above this worker's share: stop reading, let what was read be delivered and
+        checkpointed, then release (`_release_drained`)."""
+        log.info(
+            "holding %d lease(s), above the share of %d: giving up %s once delivered",
+            len(self._leased),
+            share,
+            ", ".join(shard_ids),
+        )
+        now = time.monotonic()
+        for shard_id in shard_ids:
+            self._shedding[shard_id] = (self._stop_reading(shard_id), now)
+
+    def _release_drained(self) -> None:
+        """Release given-up shards whose reads are checkpointed (or that took longer than the failover time:
+        a peer would have taken them by then anyway)."""
+        assert self.store is not None
+        if not self._shedding:
+            return
+        now = time.monotonic()
+        ready = [
+            shard_id
+            for shard_id, (last, since) in self._shedding.items()
+            if last is None
+            or int(self.stats.committed.get(shard_id) or 0) >= int(last)
+            or now - since > self.settings.lease.failover_seconds
+        ]
+        if not ready:
+            return
+        self.store.release(ready)
+        for shard_id in ready:
+            self._shedding.pop(shard_id, None)
+            if self._leased.pop(shard_id, None) is not None:
+                self.stats.lease_events["released"] += 1
+        self.store.announce()
+
+    def _lease_loop(self) -> None:
+        """Heartbeats every `lease.heartbeat_seconds`; a pass every `lease.pass_interval_seconds`, or at once
+        when a heartbeat read shows a change, a shard finished or discovery found one nobody holds."""
+        lease = self.settings.lease
+        next_beat = time.monotonic() + lease.heartbeat
+        next_pass = time.monotonic() + lease.pass_interval
+        while not self._stopping.is_set():
+            wait = min(next_beat, next_pass) - time.monotonic()
+            if self._shedding:
+                wait = min(wait, 0.2)
+            self._lease_wake.wait(max(0.0, wait))
+            self._lease_wake.clear()
+            if self._stopping.is_set():
+                return
+            try:
+                now = time.monotonic()
+                look = self._pass_now.is_set()
+                if now >= next_beat:
+                    next_beat = now + lease.heartbeat
+                    look = self._heartbeat() or look
+                if look or now >= next_pass:
+                    self._pass_now.clear()
+                    next_pass = time.monotonic() + lease.pass_interval
+                    self._lease_pass()
+                self._release_drained()
+                self.lease_failing_since = None
+            except ShutdownInterruptedError:
+                return
+            except Exception as exc:
+                if self.lease_failing_since is None:
+                    self.lease_failing_since = time.time()
+                log.error("lease upkeep failed, trying again at the next heartbeat: %s", exc)
+
+    def _request_pass(self) -> None:
+        self._pass_now.set()
+        self._lease_wake.set()
+
+    def _release_all(self) -> None:
+        """At a stop with everything delivered: give every lease up so peers take them at once."""
+        assert self.store is not None
+        held = [s for s in self._leased if not self.lineage.is_finished(s)]
+        try:
+            if held:
+                self.store.release(held)
+                self.stats.lease_events["released"] += len(held)
+                self.store.announce()
+            self.store.leave()
+        except Exception as exc:
+            log.warning("releasing leases at the stop failed (peers take them after lease.failover_seconds): %s", exc)
+            return
+        self._leased.clear()
 
     # -- what the stream lists, against what the checkpoints say ---------------------------------------------
 
@@ -322,6 +530,8 @@ class Pipeline:
         rows = self.store.known()
         lost: list[tuple[str, str]] = []
         for row in rows.values():
+            if row.owner not in (None, self.worker_id) and self.leases.is_live(row.owner or ""):
+                continue  # a peer reads it, or will say it is lost
             if not row.finished and row.shard_id not in listed and row.shard_id not in self._reading:
                 where = f"after sequence number {row.sequence_number}" if row.sequence_number else "from its start"
                 lost.append((row.shard_id, f"its records {where} were never delivered"))
@@ -346,9 +556,11 @@ class Pipeline:
             raise TrimmedDataError(
                 f"{message} (source.on_trimmed_data = 'skip_to_trim_horizon' goes on with its children)"
             )
+        row = self.store.checkpoint(shard_id)
+        if row is not None and not self.store.finish_unread(row):
+            return  # the row changed meanwhile (a peer took or finished it): the next look decides again
         log.error("%s; going on with its children (source.on_trimmed_data = 'skip_to_trim_horizon')", message)
         self.stats.aged_out_skips += 1
-        self.store.save({}, {shard_id})
         self.lineage.mark_finished([shard_id])
 
     def _forget_finished(self, shards: list[ShardInfo]) -> None:
@@ -408,6 +620,8 @@ class Pipeline:
             try:
                 self._reconcile(shards)
                 self._schedule_readable()
+                if self._unowned_readable():
+                    self._request_pass()
             except TrimmedDataError as error:
                 self._fail(error)
                 return
@@ -416,6 +630,14 @@ class Pipeline:
             except Exception as exc:
                 log.error("updating shard state failed, trying again in %.0fs: %s", interval, exc)
             self._note_what_is_read()
+
+    def _unowned_readable(self) -> bool:
+        assert self.store is not None
+        rows = self.store.known()
+        return any(
+            shard.shard_id in rows and rows[shard.shard_id].owner is None
+            for shard in self.lineage.readable(exclude=self._reading | self._unlisted_unfinished())
+        )
 
     def _check_stream_unchanged(self) -> None:
         table = self.settings.source.table_name
@@ -436,7 +658,15 @@ class Pipeline:
     def _note_what_is_read(self) -> None:
         """No shard being read while some are unfinished is a stall (health says so after stall_seconds)."""
         unfinished = self.lineage.unfinished()
-        if self.scheduler.active_shard_ids() or not unfinished:
+        rows = self.store.known() if self.store is not None else {}
+        ours = [  # shards a live peer holds are its to read: a worker with fewer shards than peers idles
+            s
+            for s in unfinished
+            if s.shard_id not in rows
+            or rows[s.shard_id].owner in (None, self.worker_id)
+            or not self.leases.is_live(rows[s.shard_id].owner or "")
+        ]
+        if self.scheduler.active_shard_ids() or not ours:
             self.reading_nothing_since = None
         elif self.reading_nothing_since is None:
             self.reading_nothing_since = time.time()
@@ -507,9 +737,12 @@ class Pipeline:
     def _commit(self, progress: _Uncommitted) -> None:
         """Everything delivered so far becomes durable in every sink, then the checkpoint records it."""
         assert self.store is not None
-        positions, finished = progress.positions, progress.finished
         self.delivery.flush()
-        self.store.save(positions, finished, progress.record_times)
+        refused = self.store.save(progress.positions, progress.finished, progress.record_times)
+        for shard_id in refused:
+            self._lose(shard_id, "the checkpoint write was refused: another worker holds it")
+        positions = {s: p for s, p in progress.positions.items() if s not in refused}
+        finished = progress.finished - refused
         self.stats.checkpoints_written += 1
         self.stats.committed.update(positions)
         self.stats.checkpointed += progress.records
@@ -526,8 +759,12 @@ class Pipeline:
         if finished:
             self.stats.shards_finished += len(finished)
             self.lineage.mark_finished(finished)
-            self._reading -= finished
+            with self._schedule_lock:
+                self._reading -= finished
             self._discover_now.set()  # children of a finished shard may be read now
+            self._request_pass()
+        if self._shedding:
+            self._lease_wake.set()
         progress.clear()
 
     # -- stop --------------------------------------------------------------------------------------------
@@ -554,6 +791,7 @@ class Pipeline:
     def request_stop(self) -> None:
         self._stopping.set()
         self._discover_now.set()
+        self._lease_wake.set()
 
     def stop(self, timeout: float | None = None) -> bool:
         """Drain: finish polls in flight, deliver everything queued, flush sinks, checkpoint, close.
@@ -575,9 +813,13 @@ class Pipeline:
                 self._delivery_thread.join(5.0)
         if self._discovery_thread is not None:
             self._discovery_thread.join(5.0)
+        if self._lease_thread is not None:
+            self._lease_thread.join(5.0)
         delivering = self._delivery_thread is not None and self._delivery_thread.is_alive()
         self.delivery.stop()
         delivering = delivering or self.delivery.busy
+        if self.store is not None and not delivering:
+            self._release_all()  # nothing of ours is written any more: peers may take over at once
         for sink in self.sinks if not delivering else ():  # never closed while a lane may still write to it
             try:
                 sink.close()

@@ -96,6 +96,55 @@ class CheckpointSettings(BaseModel):
     create_table: bool = Field(default=True, description="Create the table (PAY_PER_REQUEST) when missing.")
 
 
+class LeaseSettings(BaseModel):
+    """`[lease]`: how workers sharing one `checkpoint.consumer_name` split the stream's shards between them."""
+
+    model_config = _FROZEN
+
+    worker_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="This worker's name in the lease rows; default: host name, process id and a random suffix, "
+        "so that every process is a worker of its own.",
+    )
+    failover_seconds: float = Field(
+        default=10.0,
+        ge=1.0,
+        le=3600.0,
+        description="A worker whose heartbeat has not moved on this long (on the observer's own clock) is gone: "
+        "its shards are taken by the others.",
+    )
+    heartbeat_seconds: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="How often a worker shows it is alive (one write per worker); default failover / 3.",
+    )
+    pass_interval_seconds: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="How often a worker looks for shards to take, steal or give up; default failover x 2. A "
+        "release or a worker joining makes peers look at once.",
+    )
+
+    @property
+    def heartbeat(self) -> float:
+        return self.heartbeat_seconds if self.heartbeat_seconds is not None else self.failover_seconds / 3
+
+    @property
+    def pass_interval(self) -> float:
+        return self.pass_interval_seconds if self.pass_interval_seconds is not None else self.failover_seconds * 2
+
+    @model_validator(mode="after")
+    def _heartbeat_within_failover(self) -> LeaseSettings:
+        if self.heartbeat * 2 > self.failover_seconds:
+            raise ValueError(
+                "lease.heartbeat_seconds must be at most half of lease.failover_seconds, or one late heartbeat "
+                "loses every lease"
+            )
+        return self
+
+
 class BatchSettings(BaseModel):
     """`[batch]`: when a batch closes, and how much the queue in front of it holds."""
 
@@ -254,6 +303,7 @@ class Settings(BaseSettings):
 
     source: SourceSettings
     checkpoint: CheckpointSettings = CheckpointSettings()
+    lease: LeaseSettings = LeaseSettings()
     batch: BatchSettings = BatchSettings()
     delivery: DeliverySettings = DeliverySettings()
     reader: ReaderSettings = ReaderSettings()

@@ -50,9 +50,10 @@ def item(key: str, version: int) -> dict[str, Any]:
     return {"pk": {"S": key}, "sk": {"S": "a"}, "version": {"N": str(version)}}
 
 
-def test_discovery_failing_across_a_roll_over_is_unhealthy_and_no_shard_read_is_said(
+def test_discovery_failing_across_a_roll_over_is_unhealthy_and_a_child_listed_before_is_read(
     aws: EmbeddedAws, make_settings: Callable[..., Settings]
 ) -> None:
+    """Lineage and leases need no DescribeStream once the child is listed: it is read while discovery is down."""
     simulator = StreamSimulator(clock=ManualClock(), rollover_seconds=None)
     stream = simulator.create_stream("orders", shards=1)
     (parent,) = stream.open_shard_ids()
@@ -73,18 +74,16 @@ def test_discovery_failing_across_a_roll_over_is_unhealthy_and_no_shard_read_is_
         stream.put_item(item("a", 2))
         wait_until(lambda: any(s.shard_id == child for s in pipeline.lineage.shards()), what="the child listed")
         simulator.fail_next("DescribeStream", "InternalServerError", times=10**6)  # DescribeStream goes down
-        sink.up.set()  # the parent can finish now, and its child would be next
-        wait_until(lambda: pipeline.lineage.is_finished(parent), what="the parent finished")
+        sink.up.set()  # the parent can finish now, and its child is next
 
         def reasons() -> str:
             return "\n".join(pipeline.metrics.health().reasons)
 
         wait_until(lambda: "shard discovery (DescribeStream) failing" in reasons(), timeout=10, what="health")
-        assert "no shard has been read" in reasons()
-        assert pipeline.scheduler.active_shard_ids() == set()
+        wait_until(lambda: len(sink.records) == 2, what="the child's change")
     finally:
         pipeline.stop(timeout=5)
-    assert [int(r.new_image["version"]) for r in sink.records] == [1]  # the child's change waits, not lost
+    assert [int(r.new_image["version"]) for r in sink.records] == [1, 2]
 
 
 @pytest.fixture
@@ -112,7 +111,7 @@ def test_a_checkpoint_table_outage_is_waited_out_named_by_health_and_loses_nothi
             stream.write_synthetic(20, item_bytes=200)
             wait_until(lambda: len(pipeline.stats.committed) == 2, what="both shards checkpointed")
             outage = proxy.inject(
-                amz_target("DynamoDB_20120810.BatchWriteItem"), Fault("status", 500, "InternalServerError")
+                amz_target("DynamoDB_20120810.UpdateItem"), Fault("status", 500, "InternalServerError")
             )
             stream.write_synthetic(50, item_bytes=200, first=20)
             wait_until(
@@ -131,6 +130,49 @@ def test_a_checkpoint_table_outage_is_waited_out_named_by_health_and_loses_nothi
             proxy.clear()
             assert pipeline.stop() is True
     assert sorted(r.event_id for r in sink.records) == sorted(r["eventID"] for r in stream.records())
+
+
+def test_nothing_read_while_shards_are_unfinished_is_said(
+    aws: EmbeddedAws, proxy: FaultProxy, make_settings: Callable[..., Settings]
+) -> None:
+    """The parent is read to its end, but neither its finish nor its child's lease can be written: no shard is
+    read while two are unfinished, and health says so beside the checkpoint table."""
+    simulator = StreamSimulator(clock=ManualClock(), rollover_seconds=None)
+    stream = simulator.create_stream("orders", shards=1)
+    (parent,) = stream.open_shard_ids()
+    stream.put_item(item("a", 1))
+    with SimulatedStreamsServer(simulator, backend_url=proxy.endpoint_url) as server:
+        settings = make_settings(
+            source={"table_name": None, "stream_arn": stream.arn, "endpoint_url": server.endpoint_url},
+            metrics=STALL,
+            retry=QUICK_RETRY,
+            reader={"discovery_interval_seconds": 0.2},
+        )
+        sink = GateSink()
+        pipeline = Pipeline(settings, sinks=[sink], clients=AwsClients(aws.region, server.endpoint_url))
+        pipeline.start()
+        try:
+            child = stream.roll_over_shard(parent)
+            stream.put_item(item("a", 2))
+            wait_until(lambda: any(s.shard_id == child for s in pipeline.lineage.shards()), what="the child listed")
+            proxy.inject(amz_target("DynamoDB_20120810.UpdateItem"), Fault("status", 500, "InternalServerError"))
+            sink.up.set()
+
+            def reasons() -> str:
+                return "\n".join(pipeline.metrics.health().reasons)
+
+            wait_until(
+                lambda: "no shard has been read" in reasons() and "checkpoint table" in reasons(),
+                timeout=10,
+                what="health to say both",
+            )
+            assert pipeline.scheduler.active_shard_ids() == set()
+            proxy.clear()
+            wait_until(lambda: len(sink.records) == 2, what="the child's change, once the table is back")
+        finally:
+            proxy.clear()
+            pipeline.stop(timeout=5)
+    assert [int(r.new_image["version"]) for r in sink.records] == [1, 2]
 
 
 def test_a_sink_buffering_longer_than_stall_seconds_is_not_a_stall(

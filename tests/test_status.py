@@ -111,6 +111,8 @@ def test_after_a_run_the_finished_parent_is_done_and_its_children_open(
     assert by_id[child].checkpoint.last_record_at == made_at(child_last)
     assert by_id[idle].checkpoint is not None and by_id[idle].checkpoint.sequence_number is None  # seen, unread
     assert by_id[child].shard.parent_shard_id == by_id[idle].shard.parent_shard_id == parent
+    assert by_id[parent].checkpoint.owner is not None and by_id[child].checkpoint.owner is None
+    assert status.workers == ()  # a worker that stopped cleanly left
 
     lines = render_table(status).splitlines()
     assert lines[:3] == [
@@ -119,7 +121,17 @@ def test_after_a_run_the_finished_parent_is_done_and_its_children_open(
         "",
     ]
     header, *rows = lines[3:7]
-    assert cells(header) == ["SHARD", "PARENT", "STATE", "CHECKPOINT", "BEHIND", "LAST RECORD AGE", "OWNER", "UPDATED"]
+    assert cells(header) == [
+        "SHARD",
+        "PARENT",
+        "STATE",
+        "CHECKPOINT",
+        "BEHIND",
+        "LAST RECORD AGE",
+        "OWNER",
+        "LEASE",
+        "UPDATED",
+    ]
     for row in rows:
         shown = by_id[cells(row)[0]]
         checkpoint = shown.checkpoint
@@ -132,10 +144,11 @@ def test_after_a_run_the_finished_parent_is_done_and_its_children_open(
         ]
         assert cells(row)[:5] == expected
         if checkpoint is None or checkpoint.sequence_number is None:
-            assert cells(row)[5:] == ["-", "-", "-"]
+            assert cells(row)[5:] == ["-", "-", "-", "-"]
         else:
             assert re.fullmatch(r"\d+s|\d+m\d\ds", cells(row)[5])  # the age: how long ago depends on the clock
-            assert cells(row)[6:] == ["-", checkpoint.updated_at]
+            # The finished parent names who finished it; the stop released the children's leases.
+            assert cells(row)[6:] == [checkpoint.owner or "-", "-", checkpoint.updated_at]
         # Aligned: every column starts where its heading does.
         assert row.index(f"  {shown.state} ") + 2 == header.index("STATE")
     oldest = min((child, idle), key=lambda shard_id: int(by_id[shard_id].shard.starting_sequence_number))
@@ -231,9 +244,12 @@ def test_cli_status_json_matches_the_checkpoint_and_count_behind_counts_what_cam
         "records_trimmed": False,
         "last_record_at": made_at(delivered),
         "last_record_age_seconds": shard["last_record_age_seconds"],
-        "owner": None,
+        "owner": None,  # released at the stop
+        "owner_heartbeat_age_seconds": None,
+        "lease_epoch": 2,  # taken once, released once
         "checkpoint_updated_at": shard["checkpoint_updated_at"],
     }
+    assert document["workers"] == []
     assert shard["last_record_age_seconds"] >= 0
     assert document["stream_arn"] == dynamodb.describe_table(TableName=table)["Table"]["LatestStreamArn"]
     assert (document["consumer_name"], document["checkpoint_table"]) == ("streamsink", settings.checkpoint.table_name)

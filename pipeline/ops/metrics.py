@@ -193,6 +193,21 @@ class _StateCollector(Collector):
                 since_poll.add_metric([progress.shard_id], now - progress.last_poll_ok_at)
         yield age
         yield since_poll
+        yield GaugeMetricFamily("streamsink_leases_held", "Shard leases this worker holds.", value=p.stats.leases_held)
+        yield GaugeMetricFamily(
+            "streamsink_workers_live",
+            "Workers of this consumer alive as this one sees them (itself included).",
+            value=p.stats.live_workers,
+        )
+        leases = CounterMetricFamily(
+            "streamsink_lease_events",
+            "Leases taken (free or expired), stolen (from a worker above its share), lost (to another worker) and "
+            "released (handed back at a stop or above the share).",
+            labels=["event"],
+        )
+        for event in ("taken", "stolen", "lost", "released"):
+            leases.add_metric([event], p.stats.lease_events.get(event, 0))
+        yield leases
         yield _counter(
             "streamsink_trimmed_skips",
             "Times records were skipped because the stream had trimmed them (a shard, or a whole shard aged out).",

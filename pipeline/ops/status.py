@@ -24,7 +24,7 @@ from pipeline.retry import RetryPolicy
 from pipeline.settings import Settings
 from pipeline.source.reader import ShardReader, StartPosition, TrimmedDataError
 from pipeline.source.stream import ShardInfo, StreamNotFoundError, describe_shards, resolve_stream_arn
-from pipeline.state.checkpoint import Checkpoint, CheckpointStore
+from pipeline.state.checkpoint import Checkpoint, CheckpointStore, WorkerBeat
 
 ShardState = Literal["open", "closed", "done"]
 
@@ -80,6 +80,22 @@ class StreamStatus:
     """Parents before children (by starting sequence number)."""
     gone_checkpoints: int
     """Checkpoints of shards no longer in the stream: aged out after the 24-hour retention."""
+    workers: tuple[WorkerBeat, ...] = ()
+    """The heartbeats of this consumer's workers."""
+
+    def heartbeat_age(self, worker: str | None) -> float | None:
+        """Seconds since a worker's last heartbeat, by this machine's clock against the worker's (a rough
+        figure: workers judge each other by their own clocks, never by this)."""
+        beat = next((w for w in self.workers if w.worker == worker), None)
+        if beat is None or not beat.heartbeat_at:
+            return None
+        return (self.checked_at - datetime.fromisoformat(beat.heartbeat_at)).total_seconds()
+
+    def lease_text(self, worker: str | None) -> str:
+        if worker is None:
+            return "-"
+        age = self.heartbeat_age(worker)
+        return "no heartbeat" if age is None else f"beat {age_text(age)} ago"
 
     def count(self, state: ShardState) -> int:
         return sum(1 for s in self.shards if s.state == state)
@@ -160,7 +176,8 @@ def collect_status(
         retry=retry,
     )
     try:
-        checkpoints = store.load()
+        stored = store.load_state()
+        checkpoints = stored.checkpoints
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") != "ResourceNotFoundException":
             raise
@@ -188,10 +205,15 @@ def collect_status(
         checked_at=now or datetime.now(UTC),
         shards=tuple(rows),
         gone_checkpoints=sum(1 for shard_id in checkpoints if shard_id not in present),
+        workers=tuple(sorted(stored.workers.values(), key=lambda w: w.worker)),
     )
 
 
 # -- output ----------------------------------------------------------------------------------------------------
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
 
 
 def age_text(seconds: float | None) -> str:
@@ -208,7 +230,7 @@ def age_text(seconds: float | None) -> str:
     return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
 
 
-COLUMNS = ("SHARD", "PARENT", "STATE", "CHECKPOINT", "BEHIND", "LAST RECORD AGE", "OWNER", "UPDATED")
+COLUMNS = ("SHARD", "PARENT", "STATE", "CHECKPOINT", "BEHIND", "LAST RECORD AGE", "OWNER", "LEASE", "UPDATED")
 
 
 def summary_text(status: StreamStatus) -> str:
@@ -225,6 +247,15 @@ def summary_text(status: StreamStatus) -> str:
         text += f"{oldest.shard.shard_id} ({oldest.state}, {delivered})"
     if status.gone_checkpoints:
         text += f"; {status.gone_checkpoints} checkpoint(s) of shards past retention"
+    if status.workers:
+        held = {w.worker: 0 for w in status.workers}
+        for s in status.shards:
+            owner = s.checkpoint.owner if s.checkpoint and s.state != "done" else None
+            if owner in held:
+                held[owner] += 1
+        text += f"\n{len(status.workers)} worker(s): " + "; ".join(
+            f"{w.worker} holds {held[w.worker]}, {status.lease_text(w.worker)}" for w in status.workers
+        )
     return text
 
 
@@ -239,6 +270,7 @@ def render_table(status: StreamStatus) -> str:
             str(s.behind),
             age_text(status.age_seconds(s)),
             (s.checkpoint.owner if s.checkpoint else None) or "-",
+            status.lease_text(s.checkpoint.owner if s.checkpoint and s.state != "done" else None),
             (s.checkpoint.updated_at if s.checkpoint else None) or "-",
         )
         for s in status.shards
@@ -278,6 +310,8 @@ def status_document(status: StreamStatus) -> dict[str, Any]:
                 "last_record_at": None if made is None else made.isoformat(),
                 "last_record_age_seconds": None if age is None else round(age, 3),
                 "owner": checkpoint.owner if checkpoint else None,
+                "owner_heartbeat_age_seconds": _rounded(status.heartbeat_age(checkpoint.owner if checkpoint else None)),
+                "lease_epoch": checkpoint.lease_epoch if checkpoint else None,
                 "checkpoint_updated_at": checkpoint.updated_at if checkpoint else None,
             }
         )
@@ -296,6 +330,15 @@ def status_document(status: StreamStatus) -> dict[str, Any]:
             "oldest_unfinished": None if oldest is None else oldest.shard.shard_id,
             "checkpoints_of_gone_shards": status.gone_checkpoints,
         },
+        "workers": [
+            {
+                "worker": w.worker,
+                "heartbeat_at": w.heartbeat_at,
+                "heartbeat_age_seconds": _rounded(status.heartbeat_age(w.worker)),
+                "leases_held": w.held,
+            }
+            for w in status.workers
+        ],
     }
 
 

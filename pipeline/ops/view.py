@@ -39,6 +39,11 @@ class PipelineStats:
     """Shard -> the last committed sequence number, for shards the stream still lists or that are being read."""
     shards_finished: int = 0
     aged_out_skips: int = 0
+    lease_events: collections.Counter[str] = field(default_factory=collections.Counter)
+    """Leases taken (free or expired), stolen (from a worker above its share), lost, released."""
+    live_workers: int = 1
+    """Workers of this consumer alive as this one last saw them, itself included."""
+    leases_held: int = 0
     """Shards that aged out of the stream unread and were skipped (source.on_trimmed_data = skip_to_trim_horizon)."""
 
 

@@ -94,6 +94,22 @@ class PollScheduler:
             self.progress.setdefault(reader.shard_id, ShardProgress(reader.shard_id))
             self._push(reader, delay)
 
+    def remove(self, shard_id: str) -> None:
+        """Stop polling a shard (its lease is gone or given up). A poll in flight finishes and hands its page on;
+        the reader is not polled again."""
+        with self._cond:
+            reader = self._active.pop(shard_id, None)
+            if reader is None:
+                return
+            self._retire(reader)
+            self.progress.pop(shard_id, None)
+            self._heap = [entry for entry in self._heap if entry[2] is not reader]
+            heapq.heapify(self._heap)
+
+    def _retire(self, reader: ShardReader) -> None:
+        self._retired_trimmed_skips += reader.trimmed_skips
+        self._retired_skipped_before_start += reader.skipped_before_start
+
     @property
     def trimmed_skips(self) -> int:
         """Times any shard skipped past trimmed records (source.on_trimmed_data = 'skip_to_trim_horizon')."""
@@ -164,7 +180,7 @@ class PollScheduler:
     def _work(self) -> None:
         while (reader := self._next_due()) is not None:
             delay: float | None
-            progress = self.progress[reader.shard_id]
+            progress = self.progress.get(reader.shard_id) or ShardProgress(reader.shard_id)  # removed meanwhile
             try:
                 page = reader.poll()
                 self._note(progress, page)
@@ -181,9 +197,10 @@ class PollScheduler:
                 delay = self._on_shard_error(reader, exc)
             with self._cond:
                 self._in_flight -= 1
+                if self._active.get(reader.shard_id) is not reader:
+                    continue  # removed while it polled
                 if delay is None:
-                    self._retired_trimmed_skips += reader.trimmed_skips
-                    self._retired_skipped_before_start += reader.skipped_before_start
+                    self._retire(reader)
                     del self._active[reader.shard_id]
                     del self.progress[reader.shard_id]
                 elif not self._stopping:

@@ -14,17 +14,24 @@ many consumers of the same stream. Three kinds of row share a partition:
 
 Rows of shards long finished are pruned: once a finished shard has aged out of the stream and none of its children
 is unfinished, nothing needs it, so `load()` reads a bounded partition however long the pipeline runs.
-Items also carry `owner` and `lease_expires_at`, unused by a single worker, so that leases can be added without
-migrating the table.
+
+Leases (the KCL 2.x protocol, with liveness per worker instead of per lease): a shard row also names the worker
+that holds its lease (`owner`) and an epoch that moves on at every take and release; every checkpoint write is
+conditional on both, so only the holder moves a shard forward. Each worker keeps one heartbeat row
+(`#lease#worker#<id>`, a counter it moves on every `lease.heartbeat_seconds`) instead of renewing every lease it
+holds: steady-state lease writes grow with workers, not shards. `#lease#changes` is a counter a worker bumps when
+it releases leases or joins, so peers look at once instead of at their next pass (`pipeline.state.leases`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -39,6 +46,11 @@ log = logging.getLogger(__name__)
 BATCH_WRITE_MAX_ITEMS = 25
 START_ROW = "#start"
 STREAM_POINTER_ROW = "#stream"
+LEASE_ROW_PREFIX = "#lease#"
+WORKER_ROW_PREFIX = LEASE_ROW_PREFIX + "worker#"
+CHANGES_ROW = LEASE_ROW_PREFIX + "changes"
+WRITE_CONCURRENCY = 8
+"""Conditional writes of one commit in flight at once: one round trip each, and a commit may cover many shards."""
 
 StartingPosition = Literal["TRIM_HORIZON", "LATEST", "AT_TIMESTAMP"]
 
@@ -49,7 +61,11 @@ class Checkpoint:
     sequence_number: str | None
     finished: bool
     owner: str | None = None
-    lease_expires_at: float | None = None
+    """The worker holding the shard's lease, or None (never taken, or released)."""
+    lease_epoch: int = 0
+    """Moves on at every take and release: a checkpoint write names the epoch it holds, so a lease taken away and
+    given back in between still refuses the writer that lost it."""
+    lease_taken_at: str | None = None
     updated_at: str | None = None
     last_record_at: str | None = None
     """ApproximateCreationDateTime (ISO, UTC) of the last delivered record: how old the delivered data is."""
@@ -72,9 +88,25 @@ class StreamStart:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerBeat:
+    """One worker's heartbeat row. `beat` moves on at every heartbeat: a peer judges liveness by seeing it move on
+    its own monotonic clock, never by comparing wall clocks across machines."""
+
+    worker: str
+    beat: int
+    held: int
+    heartbeat_at: str
+    pid: int | None = None
+    identity: str | None = None
+    """Host, boot and process namespace: a worker on the same host can tell that `pid` is not running any more."""
+
+
+@dataclass(frozen=True, slots=True)
 class StoredState:
     checkpoints: dict[str, Checkpoint]
     start: StreamStart | None
+    workers: dict[str, WorkerBeat] = field(default_factory=dict)
+    changes: int = 0
 
 
 class CheckpointStore:
@@ -86,14 +118,17 @@ class CheckpointStore:
         stream_arn: str,
         consumer_name: str,
         retry: RetryPolicy,
-        owner: str | None = None,
+        worker: str | None = None,
     ) -> None:
+        """`worker`: this worker's id, the owner its leases carry; None for a store that only reads (status)."""
         self._ddb = dynamodb
         self._table = table_name
         self._consumer = consumer_name
         self._partition = f"{consumer_name}|{stream_arn}"
         self._retry = retry
-        self._owner = owner
+        self._worker = worker
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
         self._known: dict[str, Checkpoint] = {}
         self._lock = threading.Lock()  # commits (delivery) and registration (discovery) come from two threads
         self.failing_since: float | None = None
@@ -144,6 +179,8 @@ class CheckpointStore:
         """Every shard row of this stream and consumer, and the record of the first start (None before it)."""
         found: dict[str, Checkpoint] = {}
         start: StreamStart | None = None
+        workers: dict[str, WorkerBeat] = {}
+        changes = 0
         request: dict[str, Any] = {
             "TableName": self._table,
             "KeyConditionExpression": "#s = :s",
@@ -156,13 +193,15 @@ class CheckpointStore:
             for item in page.get("Items", []):
                 if item["shard_id"]["S"] == START_ROW:
                     start = _start_from_item(item)
+                elif item["shard_id"]["S"].startswith(LEASE_ROW_PREFIX):
+                    changes = _read_coordination_item(item, workers, changes)
                 elif not item["shard_id"]["S"].startswith("#"):
                     checkpoint = _from_item(item)
                     found[checkpoint.shard_id] = checkpoint
             if "LastEvaluatedKey" not in page:
                 with self._lock:
                     self._known = dict(found)
-                return StoredState(found, start)
+                return StoredState(found, start, workers, changes)
             request["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
     def load(self) -> dict[str, Checkpoint]:
@@ -243,9 +282,12 @@ class CheckpointStore:
     def register(
         self, shards: Iterable[tuple[str, str | None]], finished: Iterable[str] = (), *, overwrite: bool = False
     ) -> None:
-        """Give each (shard id, parent id) without a row one, holding no position yet; `finished` are written
-        as finished (shards a LATEST first start skips). `overwrite` rewrites rows that exist (a first start
-        tried again: its earlier rows hold no position)."""
+        """Give each (shard id, parent id) without a row one, holding no position and no owner; `finished` are
+        written as finished (shards a LATEST first start skips). `overwrite` rewrites rows that hold no position
+        and no owner (a first start tried again).
+
+        Each put is conditional: another worker may have created the row, taken it and moved it forward since
+        this one last read the table, and a blind put would move that checkpoint back."""
         done = set(finished)
         known = self.known()
         new = [
@@ -253,64 +295,355 @@ class CheckpointStore:
             for shard_id, parent in shards
             if overwrite or shard_id not in known
         ]
-        if new:
-            self._put(new, forever=False)
+        condition = (
+            "attribute_not_exists(shard_id) OR (attribute_not_exists(sequence_number) AND attribute_not_exists(#o))"
+            if overwrite
+            else "attribute_not_exists(shard_id)"
+        )
+
+        def put(checkpoint: Checkpoint) -> None:
+            try:
+                self._retry.call(
+                    f"PutItem (register shard {checkpoint.shard_id})",
+                    self._ddb.put_item,
+                    TableName=self._table,
+                    Item=self._to_item(checkpoint),
+                    ConditionExpression=condition,
+                    **({"ExpressionAttributeNames": {"#o": "owner"}} if overwrite else {}),
+                )
+            except ClientError as exc:
+                if error_code(exc) != "ConditionalCheckFailedException":
+                    raise
+                self.refresh(checkpoint.shard_id)  # someone else's row holds: learn it
+                return
+            with self._lock:
+                self._known[checkpoint.shard_id] = checkpoint
+
+        self._each(put, new)
+
+    def refresh(self, shard_id: str) -> Checkpoint | None:
+        """Read one shard's row again (strongly consistent)."""
+        stored = self._retry.call(
+            f"GetItem (shard {shard_id})",
+            self._ddb.get_item,
+            TableName=self._table,
+            Key=self._key(shard_id),
+            ConsistentRead=True,
+        )
+        item = stored.get("Item")
+        with self._lock:
+            if item is None:
+                self._known.pop(shard_id, None)
+                return None
+            row = self._known[shard_id] = _from_item(item)
+            return row
 
     def save(
         self,
         positions: Mapping[str, str],
         finished: frozenset[str] | set[str] = frozenset(),
         record_times: Mapping[str, datetime] | None = None,
-    ) -> None:
-        """Record delivered positions, shards whose last record is delivered, and when those records were made.
+    ) -> set[str]:
+        """Record delivered positions, shards whose last record is delivered, and when those records were made;
+        returns the shards whose lease this worker no longer holds (nothing was written for them).
 
-        Whole items are written with BatchWriteItem, 25 shards per call: with a thousand active shards, one
-        UpdateItem per shard per commit would cost a thousand round trips. A put replaces the item, so the
-        store keeps what it last read or wrote for each shard and writes the merged state. That is safe
-        because one pipeline owns a consumer's checkpoints; leases would need conditional writes instead.
+        Every write is conditional on the lease this worker holds (owner and epoch): a worker that lost a lease
+        while paused, partitioned or slow can never move that shard's checkpoint. Conditions need one UpdateItem
+        per shard (BatchWriteItem takes none), so the writes of one commit go out several at a time.
 
         A table that cannot be reached is waited out, like a sink outage: the commit is retried until it is
         written or the pipeline is stopped hard (`failing_since` tells health how long it has been).
         """
         now = datetime.now(UTC).isoformat()
         record_times = record_times or {}
-        merged: list[Checkpoint] = []
         known = self.known()
+        lost = set()
+        writes: list[Checkpoint] = []
         for shard_id in sorted(set(positions) | set(finished)):
-            before = known.get(shard_id) or Checkpoint(shard_id, None, False)
+            before = known.get(shard_id)
+            if before is None or self._worker is None or before.owner != self._worker:
+                lost.add(shard_id)
+                continue
             when = record_times.get(shard_id)
-            merged.append(
+            sequence = positions.get(shard_id)
+            if sequence is not None and before.sequence_number is not None:
+                sequence = max(sequence, before.sequence_number, key=int)  # never backwards, compared as numbers
+            writes.append(
                 replace(
                     before,
-                    sequence_number=positions.get(shard_id, before.sequence_number),
+                    sequence_number=sequence or before.sequence_number,
                     finished=before.finished or shard_id in finished,
-                    owner=self._owner if self._owner is not None else before.owner,
                     updated_at=now,
                     last_record_at=when.astimezone(UTC).isoformat() if when is not None else before.last_record_at,
                 )
             )
-        self._put(merged, forever=True)
+
+        def write(checkpoint: Checkpoint) -> None:
+            if not self._update_held(checkpoint):
+                lost.add(checkpoint.shard_id)
+
+        self._each(write, writes)
+        return lost
+
+    def _update_held(self, checkpoint: Checkpoint) -> bool:
+        """One fenced checkpoint write, retried until it is written or refused; False if the lease is gone."""
+        values: dict[str, Any] = {
+            ":me": {"S": self._worker},
+            ":epoch": {"N": str(checkpoint.lease_epoch)},
+            ":finished": {"BOOL": checkpoint.finished},
+            ":updated": {"S": checkpoint.updated_at},
+        }
+        sets = ["finished = :finished", "updated_at = :updated"]
+        for name in ("sequence_number", "last_record_at"):
+            value = getattr(checkpoint, name)
+            if value is not None:
+                values[f":{name}"] = {"S": value}
+                sets.append(f"{name} = :{name}")
+        try:
+            self._retry_forever(
+                f"UpdateItem (checkpoint of {checkpoint.shard_id})",
+                self._ddb.update_item,
+                TableName=self._table,
+                Key=self._key(checkpoint.shard_id),
+                UpdateExpression="SET " + ", ".join(sets),
+                ConditionExpression="#o = :me AND lease_epoch = :epoch",
+                ExpressionAttributeNames={"#o": "owner"},
+                ExpressionAttributeValues=values,
+            )
+        except ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
+            self.refresh(checkpoint.shard_id)
+            return False
+        with self._lock:
+            self._known[checkpoint.shard_id] = checkpoint
+        return True
 
     def prune(self, shard_ids: Iterable[str]) -> None:
         """Delete the rows of shards nothing needs any more (finished, aged out, no unfinished child)."""
         gone = sorted(set(shard_ids) & set(self.known()))
         for start in range(0, len(gone), BATCH_WRITE_MAX_ITEMS):
             chunk = gone[start : start + BATCH_WRITE_MAX_ITEMS]
-            requests = [
-                {"DeleteRequest": {"Key": {"stream": {"S": self._partition}, "shard_id": {"S": shard_id}}}}
-                for shard_id in chunk
-            ]
+            requests = [{"DeleteRequest": {"Key": self._key(shard_id)}} for shard_id in chunk]
             self._write_requests(requests, forever=True)
             with self._lock:
                 for shard_id in chunk:
                     self._known.pop(shard_id, None)
 
-    def _put(self, checkpoints: list[Checkpoint], *, forever: bool) -> None:
-        for start in range(0, len(checkpoints), BATCH_WRITE_MAX_ITEMS):
-            chunk = checkpoints[start : start + BATCH_WRITE_MAX_ITEMS]
-            self._write_requests([{"PutRequest": {"Item": self._to_item(c)}} for c in chunk], forever=forever)
+    # -- leases ------------------------------------------------------------------------------------------------
+
+    @property
+    def worker(self) -> str | None:
+        return self._worker
+
+    def held(self) -> dict[str, Checkpoint]:
+        """Rows this worker holds the lease of, as last read or written."""
+        with self._lock:
+            return {s: row for s, row in self._known.items() if row.owner is not None and row.owner == self._worker}
+
+    def take(self, row: Checkpoint) -> Checkpoint | None:
+        """Take a shard's lease from whoever `row` says holds it (nobody, an expired worker, or a peer above its
+        share); returns the row now held, or None if the row changed since it was read (another worker won)."""
+        assert self._worker is not None
+        now = datetime.now(UTC).isoformat()
+        if row.owner is None:
+            condition = "attribute_exists(shard_id) AND attribute_not_exists(#o) AND " + (
+                "lease_epoch = :epoch" if row.lease_epoch else "attribute_not_exists(lease_epoch)"
+            )
+        else:
+            condition = "#o = :owner AND lease_epoch = :epoch"
+        values: dict[str, Any] = {
+            ":me": {"S": self._worker},
+            ":next": {"N": str(row.lease_epoch + 1)},
+            ":now": {"S": now},
+        }
+        if row.lease_epoch or row.owner is not None:
+            values[":epoch"] = {"N": str(row.lease_epoch)}
+        if row.owner is not None:
+            values[":owner"] = {"S": row.owner}
+        try:
+            answer = self._retry.call(
+                f"UpdateItem (take lease of {row.shard_id})",
+                self._ddb.update_item,
+                TableName=self._table,
+                Key=self._key(row.shard_id),
+                UpdateExpression="SET #o = :me, lease_epoch = :next, lease_taken_at = :now",
+                ConditionExpression=condition,
+                ExpressionAttributeNames={"#o": "owner"},
+                ExpressionAttributeValues=values,
+                ReturnValues="ALL_NEW",
+            )
+        except ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
+            # A retry after an answer that was lost finds its own write: the condition no longer holds, but the
+            # lease is ours.
+            current = self.refresh(row.shard_id)
+            if current is not None and current.owner == self._worker and current.lease_epoch == row.lease_epoch + 1:
+                return current
+            return None
+        taken = _from_item(answer["Attributes"])
+        with self._lock:
+            self._known[row.shard_id] = taken
+        return taken
+
+    def release(self, shard_ids: Iterable[str]) -> None:
+        """Give leases up (owner removed, epoch moved on) so a peer takes them on its next pass instead of waiting
+        out the failover time; a lease already gone is left as it is."""
+        held = self.held()
+        rows = [held[s] for s in shard_ids if s in held]
+
+        def give_up(row: Checkpoint) -> None:
+            try:
+                answer = self._retry.call(
+                    f"UpdateItem (release lease of {row.shard_id})",
+                    self._ddb.update_item,
+                    TableName=self._table,
+                    Key=self._key(row.shard_id),
+                    UpdateExpression="REMOVE #o SET lease_epoch = :next",
+                    ConditionExpression="#o = :me AND lease_epoch = :epoch",
+                    ExpressionAttributeNames={"#o": "owner"},
+                    ExpressionAttributeValues={
+                        ":me": {"S": self._worker},
+                        ":epoch": {"N": str(row.lease_epoch)},
+                        ":next": {"N": str(row.lease_epoch + 1)},
+                    },
+                    ReturnValues="ALL_NEW",
+                )
+            except ClientError as exc:
+                if error_code(exc) != "ConditionalCheckFailedException":
+                    raise
+                self.refresh(row.shard_id)
+                return
             with self._lock:
-                self._known.update((checkpoint.shard_id, checkpoint) for checkpoint in chunk)
+                self._known[row.shard_id] = _from_item(answer["Attributes"])
+
+        self._each(give_up, rows)
+
+    def finish_unread(self, row: Checkpoint) -> bool:
+        """Mark a shard that aged out of the stream unread as finished, if its row is still as it was read (held
+        by nobody, or by a worker that is gone): its children can be read."""
+        values: dict[str, Any] = {":t": {"BOOL": True}, ":now": {"S": datetime.now(UTC).isoformat()}}
+        if row.owner is None:
+            condition = "attribute_not_exists(#o)"
+        else:
+            condition = "#o = :owner AND lease_epoch = :epoch"
+            values[":owner"] = {"S": row.owner}
+            values[":epoch"] = {"N": str(row.lease_epoch)}
+        try:
+            self._retry_forever(
+                f"UpdateItem (finish {row.shard_id})",
+                self._ddb.update_item,
+                TableName=self._table,
+                Key=self._key(row.shard_id),
+                UpdateExpression="SET finished = :t, updated_at = :now",
+                ConditionExpression=condition,
+                ExpressionAttributeNames={"#o": "owner"},
+                ExpressionAttributeValues=values,
+            )
+        except ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
+            self.refresh(row.shard_id)
+            return False
+        self.refresh(row.shard_id)
+        return True
+
+    def heartbeat(self, beat: int, held: int, identity: str | None) -> None:
+        """This worker's sign of life: one small write per worker, however many shards it holds."""
+        assert self._worker is not None
+        item: dict[str, Any] = {
+            **self._key(WORKER_ROW_PREFIX + self._worker),
+            "worker": {"S": self._worker},
+            "beat": {"N": str(beat)},
+            "held": {"N": str(held)},
+            "heartbeat_at": {"S": datetime.now(UTC).isoformat()},
+            "pid": {"N": str(os.getpid())},
+        }
+        if identity is not None:
+            item["identity"] = {"S": identity}
+        self._retry.call("PutItem (heartbeat)", self._ddb.put_item, TableName=self._table, Item=item)
+
+    def leave(self) -> None:
+        """Delete this worker's heartbeat: peers count it out at once."""
+        assert self._worker is not None
+        self._retry.call(
+            "DeleteItem (heartbeat)",
+            self._ddb.delete_item,
+            TableName=self._table,
+            Key=self._key(WORKER_ROW_PREFIX + self._worker),
+        )
+
+    def announce(self) -> None:
+        """Tell peers the leases changed (some were released, or a worker joined), so they look now rather than at
+        their next pass."""
+        self._retry.call(
+            "UpdateItem (lease changes)",
+            self._ddb.update_item,
+            TableName=self._table,
+            Key=self._key(CHANGES_ROW),
+            UpdateExpression="ADD changes :one",
+            ExpressionAttributeValues={":one": {"N": "1"}},
+        )
+
+    def coordination(self) -> tuple[dict[str, WorkerBeat], int]:
+        """The workers' heartbeats and the lease-change counter: a small read, done at every heartbeat."""
+        workers: dict[str, WorkerBeat] = {}
+        changes = 0
+        request: dict[str, Any] = {
+            "TableName": self._table,
+            "KeyConditionExpression": "#s = :s AND begins_with(shard_id, :p)",
+            "ExpressionAttributeNames": {"#s": "stream"},
+            "ExpressionAttributeValues": {":s": {"S": self._partition}, ":p": {"S": LEASE_ROW_PREFIX}},
+            "ConsistentRead": True,
+        }
+        while True:
+            page = self._retry.call("Query (workers)", self._ddb.query, **request)
+            for item in page.get("Items", []):
+                changes = _read_coordination_item(item, workers, changes)
+            if "LastEvaluatedKey" not in page:
+                return workers, changes
+            request["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def _key(self, sort: str) -> dict[str, Any]:
+        return {"stream": {"S": self._partition}, "shard_id": {"S": sort}}
+
+    def _each(self, fn: Callable[[Checkpoint], None], rows: list[Checkpoint]) -> None:
+        """`fn` for every row, several at a time when there are many (each is a round trip)."""
+        if len(rows) <= 1:
+            for row in rows:
+                fn(row)
+            return
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(WRITE_CONCURRENCY, thread_name_prefix="checkpoint")
+            pool = self._pool
+        for future in [pool.submit(fn, row) for row in rows]:
+            future.result()
+
+    def _retry_forever(self, what: str, fn: Callable[..., Any], /, **kwargs: Any) -> Any:
+        """A checkpoint-table write that waits out an unreachable table, noting how long it has been failing."""
+        for attempt in self._retry.retrying(what, stop=tenacity.stop_never):
+            with attempt:
+                try:
+                    answer = fn(**kwargs)
+                except ClientError as exc:
+                    if error_code(exc) == "ConditionalCheckFailedException":
+                        self.failing_since = self.last_error = None
+                        raise
+                    self._note_failure(exc)
+                    raise
+                except Exception as exc:
+                    self._note_failure(exc)
+                    raise
+                self.failing_since = self.last_error = None
+                return answer
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _note_failure(self, exc: BaseException) -> None:
+        if self.failing_since is None:
+            self.failing_since = time.time()
+        self.last_error = f"{type(exc).__name__}: {error_text(exc)}"
 
     def _write_requests(self, requests: list[dict[str, Any]], *, forever: bool) -> None:
         pending = requests
@@ -321,9 +654,7 @@ class CheckpointStore:
                     try:
                         response = self._ddb.batch_write_item(RequestItems={self._table: pending})
                     except Exception as exc:
-                        if self.failing_since is None:
-                            self.failing_since = time.time()
-                        self.last_error = f"{type(exc).__name__}: {error_text(exc)}"
+                        self._note_failure(exc)
                         raise
                     pending = response.get("UnprocessedItems", {}).get(self._table, [])
                     if pending:
@@ -338,16 +669,15 @@ class CheckpointStore:
 
     def _to_item(self, checkpoint: Checkpoint) -> dict[str, Any]:
         item: dict[str, Any] = {
-            "stream": {"S": self._partition},
-            "shard_id": {"S": checkpoint.shard_id},
+            **self._key(checkpoint.shard_id),
             "finished": {"BOOL": checkpoint.finished},
         }
-        for name in ("sequence_number", "owner", "updated_at", "last_record_at", "parent_shard_id"):
+        for name in ("sequence_number", "owner", "updated_at", "last_record_at", "parent_shard_id", "lease_taken_at"):
             value = getattr(checkpoint, name)
             if value is not None:
                 item[name] = {"S": value}
-        if checkpoint.lease_expires_at is not None:
-            item["lease_expires_at"] = {"N": repr(checkpoint.lease_expires_at)}
+        if checkpoint.lease_epoch:
+            item["lease_epoch"] = {"N": str(checkpoint.lease_epoch)}
         return item
 
 
@@ -367,17 +697,38 @@ def _from_item(item: dict[str, Any]) -> Checkpoint:
         value = item.get(name)
         return None if value is None else str(value["S"])
 
-    lease = item.get("lease_expires_at")
+    epoch = item.get("lease_epoch")
     return Checkpoint(
         shard_id=item["shard_id"]["S"],
         sequence_number=text("sequence_number"),
         finished=bool(item.get("finished", {}).get("BOOL", False)),
         owner=text("owner"),
-        lease_expires_at=None if lease is None else float(lease["N"]),
+        lease_epoch=0 if epoch is None else int(epoch["N"]),
+        lease_taken_at=text("lease_taken_at"),
         updated_at=text("updated_at"),
         last_record_at=text("last_record_at"),
         parent_shard_id=text("parent_shard_id"),
     )
+
+
+def _read_coordination_item(item: dict[str, Any], workers: dict[str, WorkerBeat], changes: int) -> int:
+    """Fold a `#lease#` row into `workers`; returns the lease-change counter (updated if this row is it)."""
+    sort = item["shard_id"]["S"]
+    if sort == CHANGES_ROW:
+        return int(item.get("changes", {}).get("N", "0"))
+    if sort.startswith(WORKER_ROW_PREFIX):
+        pid = item.get("pid")
+        identity = item.get("identity")
+        beat = WorkerBeat(
+            worker=sort[len(WORKER_ROW_PREFIX) :],
+            beat=int(item["beat"]["N"]),
+            held=int(item.get("held", {}).get("N", "0")),
+            heartbeat_at=item.get("heartbeat_at", {}).get("S", ""),
+            pid=None if pid is None else int(pid["N"]),
+            identity=None if identity is None else str(identity["S"]),
+        )
+        workers[beat.worker] = beat
+    return changes
 
 
 def _start_from_item(item: dict[str, Any]) -> StreamStart:

@@ -35,6 +35,7 @@ import base64
 import binascii
 import bisect
 import collections
+import dataclasses
 import hashlib
 import hmac
 import itertools
@@ -238,6 +239,10 @@ class ServedCall:
     records: int = 0
     body_bytes: int = 0
     end_of_shard: bool = False
+    client: str | None = None
+    """The caller's User-Agent (streamsink's names its worker)."""
+    at: float = 0.0
+    """When it was answered (time.monotonic of the simulator's process)."""
     """GetRecords: the answer carried no NextShardIterator (the closed shard is read to its end)."""
     injected: bool = False
     """The error came from the fault schedule or `fail_next`, not from the model."""
@@ -1231,7 +1236,9 @@ class StreamSimulator:
 
     def _before_send(self, request: Any, **_kwargs: Any) -> Any:
         target, body = _target_and_body(request)
-        return _aws_response(request, self.handle(target.removeprefix(STREAMS_TARGET_PREFIX), body))
+        agent = request.headers.get("User-Agent")
+        client = agent.decode() if isinstance(agent, bytes) else agent
+        return _aws_response(request, self.handle(target.removeprefix(STREAMS_TARGET_PREFIX), body, client))
 
     def _before_send_table(self, request: Any, **_kwargs: Any) -> Any:
         target, body = _target_and_body(request)
@@ -1242,8 +1249,9 @@ class StreamSimulator:
 
     # -- the wire ----------------------------------------------------------------------------------------------
 
-    def handle(self, operation: str, body: bytes) -> WireResponse:
-        """Answer one request: `operation` is the X-Amz-Target's part after the dot, `body` the JSON sent."""
+    def handle(self, operation: str, body: bytes, client: str | None = None) -> WireResponse:
+        """Answer one request: `operation` is the X-Amz-Target's part after the dot, `body` the JSON sent,
+        `client` the caller's User-Agent (kept in the call log)."""
         served: ServedCall
         try:
             request = _parse_request(body)
@@ -1256,7 +1264,7 @@ class StreamSimulator:
         except StreamServiceError as error:
             served = ServedCall(operation, error.status, error.code)
             response = self._error(error)
-        self._served(served, response)
+        self._served(dataclasses.replace(served, client=client, at=time.monotonic()), response)
         return response
 
     def handle_dynamodb(self, operation: str, body: bytes) -> WireResponse | None:
@@ -1457,19 +1465,7 @@ class _CallFailed(Exception):
 
 
 def _with_status(served: ServedCall, status: int, body_bytes: int) -> ServedCall:
-    return ServedCall(
-        served.operation,
-        status,
-        served.error_code,
-        stream_arn=served.stream_arn,
-        shard_id=served.shard_id,
-        iterator_type=served.iterator_type,
-        sequence_number=served.sequence_number,
-        records=served.records,
-        body_bytes=body_bytes,
-        end_of_shard=served.end_of_shard,
-        injected=served.injected,
-    )
+    return dataclasses.replace(served, status=status, body_bytes=body_bytes)
 
 
 __all__ = [

@@ -135,7 +135,9 @@ class _Handler(BaseHTTPRequestHandler):
         answer: WireResponse | None = None
         try:
             if self.command == "POST" and target.startswith(STREAMS_TARGET_PREFIX):
-                answer = simulator.handle(target.removeprefix(STREAMS_TARGET_PREFIX), body)
+                answer = simulator.handle(
+                    target.removeprefix(STREAMS_TARGET_PREFIX), body, self.headers.get("User-Agent")
+                )
             elif self.command == "POST" and target.startswith(DYNAMODB_TARGET_PREFIX):
                 answer = simulator.handle_dynamodb(target.removeprefix(DYNAMODB_TARGET_PREFIX), body)
         except Exception:

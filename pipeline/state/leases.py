@@ -1,0 +1,176 @@
+"""Which shards this worker reads: leases shared by every worker of one consumer, in the checkpoint table.
+
+The protocol is KCL 2.x's, with liveness kept per worker instead of per lease. KCL renews every lease it holds
+every few seconds (18 writes per shard per minute); here each worker moves one heartbeat counter on, so a
+thousand shards on two workers cost two heartbeats, not a thousand renewals. A lease is expired when its owner's
+heartbeat has not moved on for `failover_seconds`, as this worker's monotonic clock measures it from the first
+time it saw that value: no clocks are compared across machines. A worker on the same host whose process is
+gone (same host, boot and process namespace, its pid not running) is expired at once, so a restart after a crash
+does not wait out the failover time (a restarted container is another namespace: it waits).
+
+A pass looks at every row and decides, towards an even share (`ceil(readable shards / live workers)`):
+- take: shards nobody holds or whose owner expired, up to the share;
+- steal: only when nothing is free and this worker is below its share, one shard per pass from the most loaded
+  worker, once it has stayed above its share for a pass interval without giving any up;
+- shed: shards held above the share, given up gracefully (drained and checkpointed first, then released), so a
+  worker that joins gets its share within a heartbeat or two instead of one steal per pass.
+Fencing is not here: it is the condition on every checkpoint write (`CheckpointStore.save`).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from pipeline.state.checkpoint import Checkpoint, StoredState, WorkerBeat
+
+
+def default_worker_id() -> str:
+    """Host name, process id and a random suffix: two processes are never one worker, even across restarts."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def local_identity() -> str | None:
+    """Host name, boot and process namespace: within one identity a pid names one process, so a worker can tell
+    that a peer's process is gone. None where Linux's /proc does not say (the failover time applies)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as boot:
+            boot_id = boot.read().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return f"{socket.gethostname()}/{boot_id}/{namespace}"
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class LeasePlan:
+    """What one pass decided; the runner carries it out (takes need the store, sheds need a drain first)."""
+
+    take: list[Checkpoint] = field(default_factory=list)
+    steal: Checkpoint | None = None
+    shed: list[str] = field(default_factory=list)
+    share: int = 0
+    live_workers: int = 1
+
+
+class LeaseCoordinator:
+    def __init__(
+        self,
+        worker_id: str,
+        *,
+        failover_seconds: float,
+        steal_after_seconds: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+        identity: str | None = None,
+        process_gone: Callable[[int], bool] = _process_gone,
+    ) -> None:
+        self.worker_id = worker_id
+        self.identity = identity
+        self._failover = failover_seconds
+        self._steal_after = steal_after_seconds
+        self._above_since: dict[str, float] = {}
+        """Peers above their share without giving any up, and since when (this clock)."""
+        self._clock = clock
+        self._process_gone = process_gone
+        self._seen: dict[str, tuple[int, float]] = {}
+        """Per worker: the heartbeat value last seen and when (this clock) it was first seen with that value."""
+        self._absent: dict[str, float] = {}
+        """Owners named by rows that have no heartbeat row, and since when (this clock) that is so."""
+        self._workers: dict[str, WorkerBeat] = {}
+        self._previous_load: collections.Counter[str] = collections.Counter()
+        """Leases per peer at the last pass: a peer holding fewer than then is giving leases up."""
+        self.last_changes: int | None = None
+
+    def observe(self, workers: dict[str, WorkerBeat]) -> bool:
+        """Take in the heartbeat rows; True if the set of live workers changed (a pass should follow)."""
+        before = self.live_workers()
+        now = self._clock()
+        for worker, beat in workers.items():
+            seen = self._seen.get(worker)
+            if seen is None or seen[0] != beat.beat:
+                self._seen[worker] = (beat.beat, now)
+            self._absent.pop(worker, None)
+        for worker in set(self._seen) - set(workers):
+            del self._seen[worker]
+        self._workers = dict(workers)
+        return self.live_workers() != before
+
+    def is_live(self, worker: str) -> bool:
+        if worker == self.worker_id:
+            return True
+        now = self._clock()
+        beat = self._workers.get(worker)
+        if beat is None:
+            first = self._absent.setdefault(worker, now)
+            return now - first < self._failover
+        if (
+            self.identity is not None
+            and beat.identity == self.identity
+            and beat.pid is not None
+            and self._process_gone(beat.pid)
+        ):
+            return False  # its process is gone from this host
+        return now - self._seen[worker][1] < self._failover
+
+    def live_workers(self) -> list[str]:
+        return sorted({w for w in self._workers if self.is_live(w)} | {self.worker_id})
+
+    def expired_workers(self) -> list[str]:
+        return sorted(w for w in self._workers if not self.is_live(w))
+
+    def plan(self, state: StoredState, readable: Iterable[str]) -> LeasePlan:
+        """Decide a pass from a fresh read of every row and the shards the stream lets be read now."""
+        self.observe(state.workers)
+        rows = state.checkpoints
+        candidates = [s for s in readable if s in rows and not rows[s].finished]
+        live = self.live_workers()
+        if not candidates:
+            return LeasePlan(live_workers=len(live))
+        share = math.ceil(len(candidates) / len(live))
+        mine = [s for s in candidates if rows[s].owner == self.worker_id]
+        free = [rows[s] for s in candidates if rows[s].owner is None]
+        expired = [
+            rows[s]
+            for s in candidates
+            if rows[s].owner not in (None, self.worker_id) and not self.is_live(rows[s].owner or "")
+        ]
+        random.shuffle(free)  # workers passing at once mostly go for different shards
+        random.shuffle(expired)
+        take = (expired + free)[: max(0, share - len(mine))]
+        steal = None
+        load = collections.Counter(
+            rows[s].owner or "" for s in candidates if rows[s].owner not in (None, self.worker_id)
+        )
+        now = self._clock()
+        for peer in list(self._above_since):
+            if load.get(peer, 0) <= share or load[peer] < self._previous_load.get(peer, 0):
+                del self._above_since[peer]  # at its share, or giving leases up
+        for peer, held in load.items():
+            if held > share and held >= self._previous_load.get(peer, 0):
+                self._above_since.setdefault(peer, now)
+        self._previous_load = load
+        if not free and not expired and len(mine) < share and load:
+            victim, held = load.most_common(1)[0]
+            # Only a worker that stays above its share without giving leases up: one that sheds hands them over
+            # drained and checkpointed, while a stolen shard is read by both until the victim notices.
+            if held > share and now - self._above_since.get(victim, now) >= self._steal_after:
+                steal = random.choice([rows[s] for s in candidates if rows[s].owner == victim])
+        shed = sorted(mine)[share:] if len(mine) > share and len(live) > 1 else []
+        return LeasePlan(take=take, steal=steal, shed=shed, share=share, live_workers=len(live))
