@@ -101,17 +101,6 @@ class FakeContext:
 
 
 @pytest.fixture
-def sqs(aws: EmbeddedAws) -> Any:
-    return aws.client("sqs")
-
-
-@pytest.fixture
-def queue_url(sqs: Any) -> str:
-    url: str = sqs.create_queue(QueueName=unique("changes"))["QueueUrl"]
-    return url
-
-
-@pytest.fixture
 def topic_queue(aws: EmbeddedAws, sqs: Any) -> tuple[str, str]:
     """An SNS topic and the URL of a queue subscribed to it (raw delivery)."""
     sns = aws.client("sns")
