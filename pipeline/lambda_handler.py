@@ -126,10 +126,18 @@ class _Handled:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_sink: defaultdict[str, set[str]] = defaultdict(set)
+        self._closed = False
 
     def add(self, sink: str, records: Sequence[ChangeRecord]) -> None:
         with self._lock:
-            self._by_sink[sink].update(record.event_id for record in records)
+            if not self._closed:
+                self._by_sink[sink].update(record.event_id for record in records)
+
+    def close(self) -> None:
+        """Count nothing taken from now on: called before the flush, so that a write still in flight cannot put a
+        record in a buffer behind the flush and have it counted as durable."""
+        with self._lock:
+            self._closed = True
 
     def forget(self, sink: str) -> None:
         with self._lock:
@@ -225,6 +233,7 @@ class LambdaPipeline:
         self._deadline.until = flush_until
         while delivery.busy and time.monotonic() < flush_until:
             time.sleep(0.01)
+        handled.close()
         try:
             delivery.flush()  # buffered records become durable before the response says they are delivered
         except Exception as error:
