@@ -474,7 +474,9 @@ def _as_utc(value: Any) -> datetime:
 def change_record_from_stream(
     raw: Mapping[str, Any], *, table: str, shard_id: str, stream_arn: str | None = None
 ) -> ChangeRecord:
-    """Build a ChangeRecord from one element of GetRecords' `Records` list, read from `stream_arn`."""
+    """Build a ChangeRecord from one element of GetRecords' `Records` list, read from `stream_arn` (or of a Lambda
+    DynamoDB event's `Records`, which differ only in the spelling of `userIdentity` and in adding
+    `eventSourceARN`)."""
     if type(raw) is WireRecord:
         return _change_record_from_wire(raw, table, shard_id, stream_arn)
     ddb = raw["dynamodb"]
@@ -493,12 +495,17 @@ def change_record_from_stream(
         new_image=None if new_image is None else LazyImage(new_image, event_id, "NewImage"),
         old_image=None if old_image is None else LazyImage(old_image, event_id, "OldImage"),
         size_bytes=int(ddb.get("SizeBytes", 0)),
-        user_identity=None
-        if identity is None
-        else UserIdentity(type=identity["Type"], principal_id=identity["PrincipalId"]),
+        user_identity=None if identity is None else _user_identity(identity),
         raw=raw,
         stream_arn=stream_arn,
     )
+
+
+def _user_identity(identity: Mapping[str, str]) -> UserIdentity:
+    """GetRecords spells the fields `Type` and `PrincipalId`; Lambda's DynamoDB events `type` and `principalId`."""
+    if "Type" in identity:
+        return UserIdentity(type=identity["Type"], principal_id=identity["PrincipalId"])
+    return UserIdentity(type=identity["type"], principal_id=identity["principalId"])
 
 
 def _change_record_from_wire(raw: WireRecord, table: str, shard_id: str, stream_arn: str | None) -> ChangeRecord:

@@ -148,6 +148,18 @@ def dead_letters(tmp_path: Path) -> JsonlDeadLetters:
 
 
 @pytest.fixture
+def sqs(aws: EmbeddedAws) -> Any:
+    return aws.client("sqs")
+
+
+@pytest.fixture
+def queue_url(sqs: Any) -> str:
+    """A fresh standard queue."""
+    url: str = sqs.create_queue(QueueName=unique("changes"))["QueueUrl"]
+    return url
+
+
+@pytest.fixture
 def replica(dynamodb: Any) -> str:
     """An empty replica table keyed pk (hash) and sk (range), as the source tables of these tests."""
     name = unique("replica")

@@ -15,10 +15,12 @@ from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeou
 
 from pipeline.delivery.dead_letter import JsonlDeadLetters
 from pipeline.delivery.driver import Delivery, DeliveryBlockedError
+from pipeline.delivery.feed import SinkFeed, SinkFeedSettings
+from pipeline.delivery.filters import FilterSettings
 from pipeline.delivery.lanes import lane_of
 from pipeline.errors import is_retryable
 from pipeline.records import Batch, ChangeRecord
-from pipeline.retry import RetryPolicy
+from pipeline.retry import RetryPolicy, ShutdownInterruptedError
 from pipeline.settings import RetrySettings
 from sinks.base import PermanentSinkError, RetryableSinkError, Sink, SinkError, WriteResult
 from sinks.memory import FlakySink, MemorySink, refuse_event_ids
@@ -155,6 +157,43 @@ def test_flush_reaches_every_sink(dead_letters: JsonlDeadLetters) -> None:
     first, second = MemorySink("first"), MemorySink("second")
     _delivery([first, second], dead_letters).flush()
     assert (first.flushes, second.flushes) == (1, 1)
+
+
+def test_on_handled_names_each_record_a_sink_took_dead_lettered_or_left_out(dead_letters: JsonlDeadLetters) -> None:
+    """The hook says which records each sink is done with: those it took, those dead-lettered, and those its
+    feed's filter left out; a record still failing when the write was stopped is in none of them."""
+    records = _records(6)
+    refusing = FlakySink("refusing", refuse=refuse_event_ids({"e2"}))
+    throttled = RecordingSink(fail_retryably({"e5": 1_000}), name="throttled")
+    filtered = MemorySink("filtered")
+    no_fours = SinkFeed.of(SinkFeedSettings(filter=FilterSettings(exclude=[FilterSettings(keys={"pk": ["item-4"]})])))
+    handled: dict[str, list[str]] = {}
+    stop_after = {"attempts": 0}
+
+    def sleep(_seconds: float) -> None:
+        stop_after["attempts"] += 1
+        if stop_after["attempts"] > 2:
+            raise ShutdownInterruptedError("stopped")
+
+    delivery = _delivery(
+        [refusing, throttled, filtered],
+        dead_letters,
+        retry=RetryPolicy(RetrySettings(max_attempts=1_000, initial_delay_seconds=0, max_delay_seconds=0), sleep),
+        feeds=[SinkFeed(), SinkFeed(), no_fours],
+        on_handled=lambda sink, done: handled.setdefault(sink, []).extend(r.event_id for r in done),
+    )
+    ticket = delivery.submit(_batch(records))
+    assert ticket is not None
+    delivery.wait_done(2.0)
+    deadline = time.monotonic() + 2.0
+    while delivery.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not ticket.done  # the throttled sink's write was stopped with e5 still failing
+    assert sorted(handled["refusing"]) == ["e1", "e2", "e3", "e4", "e5", "e6"]  # e2 dead-lettered
+    assert [d["event_id"] for d in _dead(dead_letters)] == ["e2"]
+    assert sorted(handled["throttled"]) == ["e1", "e2", "e3", "e4", "e6"]
+    assert sorted(handled["filtered"]) == ["e1", "e2", "e3", "e4", "e5", "e6"]  # e4 left out by the filter
+    assert _ids(filtered.records) == ["e1", "e2", "e3", "e5", "e6"]
 
 
 # --- permanent refusals -------------------------------------------------------------------------------------

@@ -85,17 +85,6 @@ def body_event_id(entry: Mapping[str, Any], body_key: str = "MessageBody") -> st
 
 
 @pytest.fixture
-def sqs(aws: EmbeddedAws) -> Any:
-    return aws.client("sqs")
-
-
-@pytest.fixture
-def queue_url(sqs: Any) -> str:
-    url: str = sqs.create_queue(QueueName=unique("changes"))["QueueUrl"]
-    return url
-
-
-@pytest.fixture
 def fifo_queue_url(sqs: Any) -> str:
     url: str = sqs.create_queue(QueueName=unique("changes") + ".fifo", Attributes={"FifoQueue": "true"})["QueueUrl"]
     return url

@@ -26,7 +26,7 @@ import tenacity
 from pipeline.delivery.dead_letter import DeadLetters, WithheldImagesError
 from pipeline.delivery.feed import SinkFeed
 from pipeline.delivery.lanes import SinkLanes
-from pipeline.delivery.writer import DeliveryBlockedError, DeliveryStats, SinkWriter
+from pipeline.delivery.writer import DeliveryBlockedError, DeliveryStats, Handled, SinkWriter
 from pipeline.records import Batch, ChangeRecord
 from pipeline.retry import RetryPolicy
 from sinks.base import Sink, SinkError
@@ -120,7 +120,10 @@ class Delivery:
         concurrency: Sequence[int | None] | None = None,
         max_records_in_flight: int = 20_000,
         max_bytes_in_flight: int = 64 * 1024 * 1024,
+        on_handled: Handled | None = None,
     ) -> None:
+        """`on_handled(sink, records)` hears which records each sink is done with, as it is (see
+        `pipeline.delivery.writer`): taken, dead-lettered, or left out by the sink's filter or record_transform."""
         self.sinks = list(sinks)
         names = [sink.name for sink in self.sinks]
         if len(set(names)) != len(names):
@@ -129,6 +132,7 @@ class Delivery:
         self._feeds = list(feeds) if feeds is not None else [SinkFeed()] * len(self.sinks)
         self._retry = retry
         self._on_failure = on_failure
+        self._on_handled = on_handled
         self.stats = DeliveryStats()
         self.error: BaseException | None = None
         self._window = _Window(max_records_in_flight, max_bytes_in_flight)
@@ -137,7 +141,14 @@ class Delivery:
         self._completed = threading.Condition()
         chosen = list(concurrency) if concurrency is not None else [None] * len(self.sinks)
         self._writers = [
-            SinkWriter(sink, retry=retry, dead_letters=dead_letters, on_failure=on_failure, stats=self.stats)
+            SinkWriter(
+                sink,
+                retry=retry,
+                dead_letters=dead_letters,
+                on_failure=on_failure,
+                stats=self.stats,
+                on_handled=on_handled,
+            )
             for sink in self.sinks
         ]
         self.lanes = [
@@ -171,6 +182,8 @@ class Delivery:
                 if given is None:
                     continue
                 self.stats.add(self.stats.filtered, writer.sink.name, given.filtered)
+                if self._on_handled is not None and given.left_out:
+                    self._on_handled(writer.sink.name, given.left_out)
                 self.stats.add(self.stats.delivered, writer.sink.name, 0)
                 ticket.taken[writer.sink.name] = 0
                 if given.failed:

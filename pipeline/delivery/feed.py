@@ -62,6 +62,9 @@ class Prepared:
     """Records the filter did not admit, or the transform dropped: not failures, and never retried."""
     failed: tuple[tuple[ChangeRecord, TransformError], ...]
     """Records (as they came in) whose transform failed: refused for this sink, like a sink's own refusal."""
+    left_out: tuple[ChangeRecord, ...] = ()
+    """The records counted in `filtered`, as they came in: this sink is done with them (a caller that must know
+    which records every sink has handled, such as the Lambda handler, counts them as taken)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,11 +87,11 @@ class SinkFeed:
         if self.record_filter.admits_all and self.transform is None and self.keep is None:
             return Prepared(batch, 0, ())
         given: list[ChangeRecord] = []
-        filtered = 0
+        left_out: list[ChangeRecord] = []
         failed: list[tuple[ChangeRecord, TransformError]] = []
         for record in batch.records:
             if not self.record_filter.admits(record):
-                filtered += 1
+                left_out.append(record)
                 continue
             shaped: ChangeRecord | None = record
             if self.transform is not None:
@@ -98,7 +101,9 @@ class SinkFeed:
                     failed.append((record, error))
                     continue
             if shaped is None:
-                filtered += 1
+                left_out.append(record)
                 continue
             given.append(shaped if self.keep is None else project(shaped, self.keep))
-        return Prepared(Batch(tuple(given), sum(r.size_bytes for r in given)), filtered, tuple(failed))
+        return Prepared(
+            Batch(tuple(given), sum(r.size_bytes for r in given)), len(left_out), tuple(failed), tuple(left_out)
+        )

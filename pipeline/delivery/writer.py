@@ -15,6 +15,11 @@ Three failure shapes, three answers:
   taken is bisected the same way, without sending again what was taken.
 With `on_failure = "block"`, a record that would be dead-lettered stops the pipeline instead, as soon as it is
 known: the sinks hold back the item's later changes in that write, so none of them is written.
+
+`on_handled(sink, records)`, when given, hears of records as the sink is done with them: taken by a call (durable,
+or buffered until the sink's next flush) or durably dead-lettered. A caller that must say exactly which records a
+write that did not finish left behind (the Lambda handler's batchItemFailures) keeps track with it; the counts
+alone cannot say which.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -42,6 +47,9 @@ from sinks.base import (
 )
 
 log = logging.getLogger(__name__)
+
+Handled = Callable[[str, Sequence[ChangeRecord]], None]
+"""Told a sink's name and records it is done with (taken, dead-lettered, or left out by its feed)."""
 
 
 class DeliveryBlockedError(Exception):
@@ -106,12 +114,14 @@ class SinkWriter:
         dead_letters: DeadLetters,
         on_failure: str,
         stats: DeliveryStats,
+        on_handled: Handled | None = None,
     ) -> None:
         self.sink = sink
         self._retry = retry
         self._dead_letters = dead_letters
         self._on_failure = on_failure
         self._stats = stats
+        self._on_handled = on_handled
 
     @property
     def blocks(self) -> bool:
@@ -142,9 +152,14 @@ class SinkWriter:
             )
         self._dead_letters.put(sink.name, refused)
         self._stats.add(self._stats.dead_lettered, sink.name, len(refused))
+        self._handled([record for record, _ in refused])
         log.error(
             "sink %s refused %d record(s); dead letters in %s", sink.name, len(refused), self._dead_letters.location
         )
+
+    def _handled(self, records: Sequence[ChangeRecord]) -> None:
+        if self._on_handled is not None and records:
+            self._on_handled(self.sink.name, records)
 
     def _isolate(self, batch: Batch, stopped: threading.Event | None) -> list[tuple[ChangeRecord, SinkError]]:
         try:
@@ -204,10 +219,12 @@ class SinkWriter:
             failed_itself: list[str] = []
             last: RetryableSinkError | None = None
             answered = 0
+            took: list[ChangeRecord] = []
             for record in state.pending.records:
                 error = result.failed.get(record.event_id)
                 if error is None:
                     answered += 1
+                    took.append(record)
                 elif isinstance(error, DestinationUnusableError):
                     self._stats.failed(sink.name, error)
                     raise error  # stops the pipeline: no record of this sink can be delivered
@@ -223,6 +240,7 @@ class SinkWriter:
                 else:
                     state.refused.append((record, error))
                     answered += 1
+            self._handled(took)
             state.answered_any = state.answered_any or answered > 0
             if suspects:
                 state.refused.extend(self._isolate(subset(suspects), stopped))
