@@ -20,6 +20,7 @@ from pipeline.runner import Pipeline
 from pipeline.settings import ConfigError, Settings, environment_warnings, load_settings
 from pipeline.testing.emulator import EmulatorUnavailableError
 from pipeline.version import version
+from pipeline.workers import run_workers
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,6 +29,14 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of:")
     run = commands.add_parser("run", help="run the pipeline until SIGINT/SIGTERM")
     run.add_argument("--config", required=True, help="TOML file; STREAMSINK_<SECTION>__<KEY> env vars override")
+    run.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="start N worker processes sharing the stream's shards through leases (one process uses about one "
+        "core); SIGTERM drains them all (default 1)",
+    )
     check = commands.add_parser("validate", help="check a config file and print it as it will run")
     check.add_argument(
         "--config",
@@ -189,6 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             region=args.region,
             endpoint_url=args.endpoint_url,
         )
+    if args.workers > 1:
+        configure_logging(settings.runtime.log_level, "text")
+        return run_workers(args.config, settings, args.workers)
     return run(settings)
 
 

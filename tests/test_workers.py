@@ -35,13 +35,16 @@ pytestmark = pytest.mark.slow
 class Worker:
     """One `streamsink run` process with a fixed worker id; its log goes to a file."""
 
-    def __init__(self, config: Path, worker_id: str, logs: Path) -> None:
+    def __init__(self, config: Path, worker_id: str, logs: Path, *options: str) -> None:
         self.id = worker_id
         self.log = logs / f"{worker_id}.log"
         self._log_file = self.log.open("wb")
         env = {**os.environ, "STREAMSINK_LEASE__WORKER_ID": worker_id}
         self.process = subprocess.Popen(
-            [*STREAMSINK, "run", "--config", str(config)], stdout=self._log_file, stderr=subprocess.STDOUT, env=env
+            [*STREAMSINK, "run", "--config", str(config), *options],
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
 
     def output(self) -> str:
@@ -97,8 +100,8 @@ class Fleet:
         )
         self.workers: list[Worker] = []
 
-    def start(self, worker_id: str) -> Worker:
-        worker = Worker(self.config, worker_id, self.tmp_path)
+    def start(self, worker_id: str, *options: str) -> Worker:
+        worker = Worker(self.config, worker_id, self.tmp_path, *options)
         self.workers.append(worker)
         return worker
 
@@ -392,3 +395,25 @@ def test_rolling_restarts_hand_every_shard_on_within_seconds_and_lose_nothing(
     assert running.stop_all() == [0, 0]
     print("handoff seconds:", sorted(round(h, 2) for h in handoffs))
     assert handoffs and max(handoffs) < 5.0
+
+
+def test_run_with_workers_starts_that_many_sharing_the_shards_and_a_sigterm_drains_them_all(
+    aws: EmbeddedAws, bucket: str, fleet: Callable[..., Fleet]
+) -> None:
+    simulator = StreamSimulator(rollover_seconds=None)
+    stream = simulator.create_stream("orders", shards=6)
+    stream.write_synthetic(300, item_bytes=200)
+    running = fleet(stream, simulator)
+    group = running.start("group", "--workers", "2")
+    wait_until(
+        lambda: sorted((w, len(s)) for w, s in running.held().items()) == [("group-0", 3), ("group-1", 3)],
+        timeout=60,
+        what="two workers with 3 shards each",
+    )
+    every = {r["eventID"] for r in stream.records()}
+    wait_until(lambda: set(archived_ids(aws, bucket)) >= every, timeout=60, what="every change archived")
+    assert {worker_of(c.client) for c in simulator.calls("GetRecords")} == {"group-0", "group-1"}
+
+    assert group.stop() == 0, group.output()
+    assert running.held() == {}  # both drained and released their leases
+    assert group.output().count("stopped: ") == 2, group.output()
