@@ -1,0 +1,93 @@
+"""Lineage across workers, in one process: two pipelines with their own worker ids share a simulated stream."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from pipeline.aws import AwsClients
+from pipeline.records import Batch
+from pipeline.runner import Pipeline
+from pipeline.settings import Settings
+from pipeline.testing.emulator import EmbeddedAws
+from pipeline.testing.simulated_stream import StreamSimulator
+from sinks.base import RetryableSinkError, WriteResult
+from sinks.memory import MemorySink
+from tests.conftest import wait_until
+from tests.test_workers import worker_of
+
+LEASE = {"failover_seconds": 2.0, "heartbeat_seconds": 0.2, "pass_interval_seconds": 0.5}
+
+
+class GateSink(MemorySink):
+    """Down (retryable) until `up` is set."""
+
+    def __init__(self) -> None:
+        super().__init__("gate")
+        self.up = threading.Event()
+
+    def write(self, batch: Batch) -> WriteResult:
+        if not self.up.is_set():
+            raise RetryableSinkError("destination down")
+        return super().write(batch)
+
+
+@pytest.fixture
+def started(aws: EmbeddedAws) -> Iterator[Callable[[Pipeline], Pipeline]]:
+    running: list[Pipeline] = []
+
+    def start(pipeline: Pipeline) -> Pipeline:
+        pipeline.start()
+        running.append(pipeline)
+        return pipeline
+
+    yield start
+    for pipeline in running:
+        pipeline.stop(timeout=5)
+
+
+def test_a_child_is_read_by_no_worker_before_its_parent_held_by_another_is_finished(
+    aws: EmbeddedAws, make_settings: Callable[..., Settings], started: Callable[[Pipeline], Pipeline]
+) -> None:
+    simulator = StreamSimulator(rollover_seconds=None)
+    stream = simulator.create_stream("orders", shards=1, key_schema=[("pk", "HASH"), ("sk", "RANGE")])
+    (parent,) = stream.open_shard_ids()
+    stream.put_item({"pk": {"S": "k"}, "sk": {"S": "a"}, "version": {"N": "1"}})
+
+    def pipeline(worker: str, sink: MemorySink) -> Pipeline:
+        settings = make_settings(
+            source={"table_name": None, "stream_arn": stream.arn}, lease={"worker_id": worker, **LEASE}
+        )
+        clients = AwsClients(aws.region, aws.endpoint_url, agent=f"worker/{worker}")
+        simulator.attach(clients.client("dynamodbstreams"))
+        return Pipeline(settings, sinks=[sink], clients=clients)
+
+    held_back = GateSink()
+    a = started(pipeline("a", held_back))
+    wait_until(lambda: parent in a.scheduler.active_shard_ids(), what="A reading the parent")
+    children = stream.split_shard(parent)
+    for n in range(2, 12):  # changes of the key, and of others, in the children now
+        stream.put_item({"pk": {"S": f"k{n % 3}"}, "sk": {"S": "a"}, "version": {"N": str(n)}})
+    other = MemorySink()
+    b = started(pipeline("b", other))
+    wait_until(lambda: all(c in (b.store.known() if b.store else {}) for c in children), what="B sees the children")
+    time.sleep(3 * LEASE["pass_interval_seconds"] + LEASE["failover_seconds"])  # several passes of both
+    early = [c for c in simulator.calls() if c.shard_id in children]
+    assert early == []  # neither worker touched a child while A held the unfinished parent
+
+    opened = time.monotonic()
+    held_back.up.set()
+    wait_until(lambda: len(held_back.records) + len(other.records) == 11, what="every change delivered")
+    child_calls = [c for c in simulator.calls() if c.shard_id in children]
+    assert child_calls and min(c.at for c in child_calls) > opened
+    assert a.store is not None and a.store.load()[parent].finished
+    readers = {worker_of(c.client) for c in child_calls if c.operation == "GetRecords"}
+    assert readers <= {"a", "b"} and readers
+    # Per item, each sink has the changes in order.
+    for sink in (held_back, other):
+        for key in ("k0", "k1", "k2"):
+            versions = [int(r.new_image["version"]) for r in sink.records if r.keys["pk"] == key]
+            assert versions == sorted(versions), (sink.name, key, versions)
