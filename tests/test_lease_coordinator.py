@@ -115,3 +115,20 @@ def test_finished_and_not_yet_readable_shards_are_no_part_of_the_share() -> None
     plan = me.plan(stored, ["parent"])  # the child waits for its parent: not readable yet
     assert [row.shard_id for row in plan.take] == ["parent"]
     assert plan.share == 1
+
+
+def test_a_worker_expiring_between_two_looks_is_a_change_worth_a_pass() -> None:
+    """Expiry happens while nobody looks (time passes, a process ends): the next look must report it, or the
+    orphans wait for the next scheduled pass instead of being taken at the next heartbeat."""
+    clock = Clock()
+    gone = {"pid": False}
+    me = LeaseCoordinator(
+        "me", failover_seconds=10, clock=clock, identity="host/boot/ns", process_gone=lambda pid: gone["pid"]
+    )
+    assert me.observe({"quiet": beat("quiet", 1), "local": beat("local", 1, pid=7)}) is True  # two joined
+    assert me.observe({"quiet": beat("quiet", 1), "local": beat("local", 2, pid=7)}) is False
+    gone["pid"] = True  # the local peer's process ended
+    assert me.observe({"quiet": beat("quiet", 1), "local": beat("local", 2, pid=7)}) is True
+    clock.now += 11  # the quiet one's heartbeat stood still past the failover time
+    assert me.observe({"quiet": beat("quiet", 1), "local": beat("local", 2, pid=7)}) is True
+    assert me.live_workers() == ["me"]

@@ -94,13 +94,15 @@ class LeaseCoordinator:
         self._absent: dict[str, float] = {}
         """Owners named by rows that have no heartbeat row, and since when (this clock) that is so."""
         self._workers: dict[str, WorkerBeat] = {}
+        self._last_live: list[str] = [worker_id]
         self._previous_load: collections.Counter[str] = collections.Counter()
         """Leases per peer at the last pass: a peer holding fewer than then is giving leases up."""
         self.last_changes: int | None = None
 
     def observe(self, workers: dict[str, WorkerBeat]) -> bool:
-        """Take in the heartbeat rows; True if the set of live workers changed (a pass should follow)."""
-        before = self.live_workers()
+        """Take in the heartbeat rows; True if the set of live workers changed since the last look (a pass should
+        follow): one joined or left, or one expired meanwhile (its heartbeat stood still, or its process is gone)."""
+        before = self._last_live
         now = self._clock()
         for worker, beat in workers.items():
             seen = self._seen.get(worker)
@@ -110,7 +112,8 @@ class LeaseCoordinator:
         for worker in set(self._seen) - set(workers):
             del self._seen[worker]
         self._workers = dict(workers)
-        return self.live_workers() != before
+        self._last_live = self.live_workers()
+        return self._last_live != before
 
     def is_live(self, worker: str) -> bool:
         if worker == self.worker_id:
