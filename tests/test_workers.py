@@ -7,6 +7,7 @@ Leases here are quick (failover 3 s, heartbeat 0.5 s, a pass every 2 s) so that 
 from __future__ import annotations
 
 import collections
+import json
 import os
 import signal
 import subprocess
@@ -413,6 +414,14 @@ def test_run_with_workers_starts_that_many_sharing_the_shards_and_a_sigterm_drai
     every = {r["eventID"] for r in stream.records()}
     wait_until(lambda: set(archived_ids(aws, bucket)) >= every, timeout=60, what="every change archived")
     assert {worker_of(c.client) for c in simulator.calls("GetRecords")} == {"group-0", "group-1"}
+    shown = subprocess.run(
+        [*STREAMSINK, "status", "--config", str(running.config), "--json"], capture_output=True, text=True, timeout=60
+    )
+    assert shown.returncode == 0, shown.stderr
+    document = json.loads(shown.stdout)
+    assert sorted((w["worker"], w["leases_held"]) for w in document["workers"]) == [("group-0", 3), ("group-1", 3)]
+    assert all(0 <= w["heartbeat_age_seconds"] < 30 for w in document["workers"])
+    assert sorted(s["owner"] for s in document["shards"]) == ["group-0"] * 3 + ["group-1"] * 3
 
     assert group.stop() == 0, group.output()
     assert running.held() == {}  # both drained and released their leases
