@@ -146,8 +146,10 @@ class Pipeline:
         self.lease_failing_since: float | None = None
         self._leased: dict[str, int] = {}
         """Shards whose lease this worker holds, and the epoch it holds them at."""
-        self._shedding: dict[str, tuple[str | None, float]] = {}
-        """Shards being given up: the last sequence number read, and since when (monotonic) they drain."""
+        self._shedding: dict[str, tuple[ShardReader | None, float]] = {}
+        """Shards being given up: their dropped reader, and since when (monotonic) they drain."""
+        self._commit_soon = threading.Event()
+        """Commit what is delivered at once (shards are being given up), not when the sinks' buffers are due."""
         self._beat = 0
         self._lease_thread: threading.Thread | None = None
         self._lease_wake = threading.Event()
@@ -345,58 +347,69 @@ class Pipeline:
         joined, left or expired, or leases were released)."""
         assert self.store is not None
         self._beat += 1
-        self.store.heartbeat(self._beat, len(self._leased), self.leases.identity)
+        self.store.heartbeat(self._beat, len(self._leased), self.leases.identity, shedding=len(self._shedding))
+        read_at = time.monotonic()
         workers, changes = self.store.coordination()
-        changed = self.leases.observe(workers)
+        changed = self.leases.observe(workers, at=read_at)
         announced = self.leases.last_changes is not None and changes != self.leases.last_changes
         self.leases.last_changes = changes
-        self.stats.live_workers = len(self.leases.live_workers())
+        self.stats.live_workers = len(self.leases.live_workers(read_at))
         self.stats.leases_held = len(self._leased)
         return changed or announced
 
     def _lease_pass(self) -> None:
         """Read every row, notice leases lost, then take, steal and give up towards an even share."""
         assert self.store is not None
+        read_at = time.monotonic()
         state = self.store.load_state()
         self.lineage.mark_finished(s for s, row in state.checkpoints.items() if row.finished)
         self._notice_lost(state.checkpoints)
+        # Rows naming this worker that it does not know it holds: an earlier life under the same worker id, or a
+        # take whose answer was lost. Taken again (epoch moved on), so that earlier life is fenced off too.
+        adopt = [
+            row
+            for s, row in state.checkpoints.items()
+            if row.owner == self.worker_id and not row.finished and s not in self._leased
+        ]
         readable = [s.shard_id for s in self.lineage.readable(exclude=self._unlisted_unfinished())]
-        plan = self.leases.plan(state, readable)
+        plan = self.leases.plan(state, readable, at=read_at)
         self.stats.live_workers = plan.live_workers
-        for row in plan.take:
-            self._take(row, "taken")
+        self._take([*adopt, *plan.take], "taken")
         if plan.steal is not None:
-            self._take(plan.steal, "stolen")
+            self._take([plan.steal], "stolen")
         shed = [s for s in plan.shed if s not in self._shedding]
         if shed:
             self._shed(shed, plan.share)
         self.stats.leases_held = len(self._leased)
         self._schedule_readable()
 
-    def _take(self, row: Checkpoint, how: str) -> None:
+    def _take(self, rows: list[Checkpoint], how: str) -> None:
         assert self.store is not None
-        taken = self.store.take(row)
-        if taken is None:
-            return  # another worker was quicker
-        self._leased[row.shard_id] = taken.lease_epoch
-        self.stats.lease_events[how] += 1
-        if row.owner is not None:
-            log.info("lease of shard %s %s from worker %s", row.shard_id, how, row.owner)
+        for row, taken in zip(rows, self.store.take_all(rows), strict=True):
+            if taken is None:
+                continue  # another worker was quicker
+            self._leased[row.shard_id] = taken.lease_epoch
+            self.stats.lease_events[how] += 1
+            if row.owner is not None:
+                log.info("lease of shard %s %s from worker %s", row.shard_id, how, row.owner)
 
     def _notice_lost(self, rows: dict[str, Checkpoint]) -> None:
         lost = [
-            s
-            for s, epoch in self._leased.items()
+            (s, epoch)
+            for s, epoch in list(self._leased.items())
             if s not in rows or rows[s].owner != self.worker_id or rows[s].lease_epoch != epoch
         ]
-        for shard_id in lost:
+        for shard_id, epoch in lost:
             row = rows.get(shard_id)
-            self._lose(shard_id, f"now held by {row.owner or 'nobody'}" if row is not None else "its row is gone")
+            why = f"now held by {row.owner or 'nobody'}" if row is not None else "its row is gone"
+            self._lose(shard_id, why, epoch)
 
-    def _lose(self, shard_id: str, why: str) -> None:
-        """Stop reading a shard whose lease went to another worker: its checkpoint is that worker's now."""
-        if self._leased.pop(shard_id, None) is None:
+    def _lose(self, shard_id: str, why: str, epoch: int | None) -> None:
+        """Stop reading a shard whose lease went to another worker: its checkpoint is that worker's now. Only
+        the lease held at `epoch` is lost: a refusal noticed late must not drop a lease taken again since."""
+        if epoch is None or self._leased.get(shard_id) != epoch:
             return
+        del self._leased[shard_id]
         self.stats.lease_events["lost"] += 1
         self._shedding.pop(shard_id, None)
         self._stop_reading(shard_id)
@@ -407,19 +420,18 @@ class Pipeline:
             why,
         )
 
-    def _stop_reading(self, shard_id: str) -> str | None:
-        """Drop a shard's reader; returns the last sequence number it read."""
-        progress = self.scheduler.progress.get(shard_id)
-        last = progress.last_sequence_read if progress is not None else None
-        self.scheduler.remove(shard_id)
+    def _stop_reading(self, shard_id: str) -> ShardReader | None:
+        """Drop a shard's reader (a poll in flight still hands its page on); returns the reader."""
+        reader = self.scheduler.remove(shard_id)
         with self._schedule_lock:
             self._reading.discard(shard_id)
-            self._fixed_readers.pop(shard_id, None)
-        return last
+            fixed = self._fixed_readers.pop(shard_id, None)
+        return reader or fixed
 
     def _shed(self, shard_ids: list[str], share: int) -> None:
         """Give up leases above this worker's share: stop reading, let what was read be delivered and
-        checkpointed, then release (`_release_drained`)."""
+        checkpointed (a commit is made soon, without waiting for a buffering sink's own time), then release
+        (`_release_drained`). The lease is kept meanwhile, so no peer reads the shard twice."""
         log.info(
             "holding %d lease(s), above the share of %d: giving up %s once delivered",
             len(self._leased),
@@ -429,21 +441,27 @@ class Pipeline:
         now = time.monotonic()
         for shard_id in shard_ids:
             self._shedding[shard_id] = (self._stop_reading(shard_id), now)
+        self._commit_soon.set()
+
+    def _drained(self, shard_id: str, reader: ShardReader | None, since: float) -> bool:
+        """Everything the dropped reader handed on is checkpointed, and no poll of it is still in flight."""
+        if self.scheduler.polling(shard_id):
+            return False
+        last = None if reader is None else reader.last_sequence_read
+        committed = self.stats.committed.get(shard_id)
+        if last is None or (committed is not None and int(committed) >= int(last)):
+            return True
+        # A last page whose records were all left out (made before the first start) moves no checkpoint: once
+        # nothing at all is queued or being delivered, nothing of the shard is left to wait for.
+        idle = self.queue.depth[0] == 0 and self.delivery.in_flight == 0 and not self._commit_soon.is_set()
+        return idle and time.monotonic() - since > self.settings.lease.heartbeat
 
     def _release_drained(self) -> None:
-        """Release given-up shards whose reads are checkpointed (or that took longer than the failover time:
-        a peer would have taken them by then anyway)."""
+        """Release given-up shards once drained; a shard that cannot be drained (a sink down) stays held."""
         assert self.store is not None
         if not self._shedding:
             return
-        now = time.monotonic()
-        ready = [
-            shard_id
-            for shard_id, (last, since) in self._shedding.items()
-            if last is None
-            or int(self.stats.committed.get(shard_id) or 0) >= int(last)
-            or now - since > self.settings.lease.failover_seconds
-        ]
+        ready = [s for s, (reader, since) in list(self._shedding.items()) if self._drained(s, reader, since)]
         if not ready:
             return
         self.store.release(ready)
@@ -532,6 +550,8 @@ class Pipeline:
         for row in rows.values():
             if row.owner not in (None, self.worker_id) and self.leases.is_live(row.owner or ""):
                 continue  # a peer reads it, or will say it is lost
+            if row.shard_id in self._shedding:
+                continue  # its pages are still being delivered here
             if not row.finished and row.shard_id not in listed and row.shard_id not in self._reading:
                 where = f"after sequence number {row.sequence_number}" if row.sequence_number else "from its start"
                 lost.append((row.shard_id, f"its records {where} were never delivered"))
@@ -732,17 +752,23 @@ class Pipeline:
             self._commit(progress)
 
     def _commit_due(self, progress: _Uncommitted, drained: bool) -> bool:
-        return progress.any and (drained or bool(progress.finished) or self.delivery.flush_due(time.monotonic()))
+        return progress.any and (
+            drained
+            or bool(progress.finished)
+            or self._commit_soon.is_set()
+            or self.delivery.flush_due(time.monotonic())
+        )
 
     def _commit(self, progress: _Uncommitted) -> None:
         """Everything delivered so far becomes durable in every sink, then the checkpoint records it."""
         assert self.store is not None
         self.delivery.flush()
+        self._commit_soon.clear()
         refused = self.store.save(progress.positions, progress.finished, progress.record_times)
-        for shard_id in refused:
-            self._lose(shard_id, "the checkpoint write was refused: another worker holds it")
+        for shard_id, epoch in refused.items():
+            self._lose(shard_id, "the checkpoint write was refused: another worker holds it", epoch)
         positions = {s: p for s, p in progress.positions.items() if s not in refused}
-        finished = progress.finished - refused
+        finished = progress.finished - set(refused)
         self.stats.checkpoints_written += 1
         self.stats.committed.update(positions)
         self.stats.checkpointed += progress.records
@@ -757,6 +783,8 @@ class Pipeline:
             # Everything read is checkpointed, or progress was made and what is left was read after this moment.
             progress_of.unacked_since = None if read is None or int(sequence) >= int(read) else now
         if finished:
+            for shard_id in finished:
+                self._leased.pop(shard_id, None)  # a finished shard is nobody's to read: its lease means nothing
             self.stats.shards_finished += len(finished)
             self.lineage.mark_finished(finished)
             with self._schedule_lock:

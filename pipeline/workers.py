@@ -25,6 +25,17 @@ log = logging.getLogger("streamsink")
 POLL_SECONDS = 0.2
 
 
+def _die_with_parent() -> None:
+    """In the worker, before it runs: a SIGTERM when this process dies, even by SIGKILL (Linux's
+    PR_SET_PDEATHSIG), so that no worker is left running without its group; elsewhere, nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def worker_environment(settings: Settings, index: int, base_id: str) -> dict[str, str]:
     """What worker `index` of the group gets on top of this process's environment: its own id, its own metrics
     port (the configured one plus its index), and plain log lines (no live status line on a shared terminal)."""
@@ -53,7 +64,7 @@ def run_workers(config_path: str, settings: Settings, count: int) -> int:
         command = [sys.executable, "-m", "pipeline.cli", "run", "--config", config_path]
         # Its own process group: a Ctrl-C on the terminal reaches this process only, which drains the workers
         # in order instead of every worker at once and this one too.
-        workers.append(subprocess.Popen(command, env=env, start_new_session=True))
+        workers.append(subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_die_with_parent))
     log.info(
         "started %d worker(s): %s", count, ", ".join(f"{base_id}-{n} (pid {w.pid})" for n, w in enumerate(workers))
     )

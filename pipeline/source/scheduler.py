@@ -9,6 +9,7 @@ a time and its pages reach the queue in order.
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import logging
@@ -79,6 +80,8 @@ class PollScheduler:
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._in_flight = 0
+        self._polling: collections.Counter[str] = collections.Counter()
+        """Shards with a poll in flight: taken from the heap, page not yet handed on."""
         self.polls = 0
         self.empty_polls = 0
         self.errors = 0
@@ -94,17 +97,23 @@ class PollScheduler:
             self.progress.setdefault(reader.shard_id, ShardProgress(reader.shard_id))
             self._push(reader, delay)
 
-    def remove(self, shard_id: str) -> None:
-        """Stop polling a shard (its lease is gone or given up). A poll in flight finishes and hands its page on;
-        the reader is not polled again."""
+    def remove(self, shard_id: str) -> ShardReader | None:
+        """Stop polling a shard (its lease is gone or given up); returns its reader. A poll in flight finishes
+        and hands its page on (`polling` says when it has); the reader is not polled again."""
         with self._cond:
             reader = self._active.pop(shard_id, None)
             if reader is None:
-                return
+                return None
             self._retire(reader)
             self.progress.pop(shard_id, None)
             self._heap = [entry for entry in self._heap if entry[2] is not reader]
             heapq.heapify(self._heap)
+            return reader
+
+    def polling(self, shard_id: str) -> bool:
+        """A poll of this shard is in flight (its page not yet handed on), by a reader active or removed."""
+        with self._cond:
+            return shard_id in self._polling
 
     def _retire(self, reader: ShardReader) -> None:
         self._retired_trimmed_skips += reader.trimmed_skips
@@ -171,7 +180,9 @@ class PollScheduler:
                     due = self._heap[0][0] - time.monotonic()
                     if due <= 0:
                         self._in_flight += 1
-                        return heapq.heappop(self._heap)[2]
+                        reader = heapq.heappop(self._heap)[2]
+                        self._polling[reader.shard_id] += 1
+                        return reader
                     self._cond.wait(due)
                 else:
                     self._cond.wait()
@@ -197,6 +208,9 @@ class PollScheduler:
                 delay = self._on_shard_error(reader, exc)
             with self._cond:
                 self._in_flight -= 1
+                self._polling[reader.shard_id] -= 1
+                if not self._polling[reader.shard_id]:
+                    del self._polling[reader.shard_id]
                 if self._active.get(reader.shard_id) is not reader:
                     continue  # removed while it polled
                 if delay is None:

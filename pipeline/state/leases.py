@@ -99,11 +99,15 @@ class LeaseCoordinator:
         """Leases per peer at the last pass: a peer holding fewer than then is giving leases up."""
         self.last_changes: int | None = None
 
-    def observe(self, workers: dict[str, WorkerBeat]) -> bool:
-        """Take in the heartbeat rows; True if the set of live workers changed since the last look (a pass should
-        follow): one joined or left, or one expired meanwhile (its heartbeat stood still, or its process is gone)."""
+    def observe(self, workers: dict[str, WorkerBeat], at: float | None = None) -> bool:
+        """Take in the heartbeat rows, read at `at` (this clock, before the read was sent; default now); True if
+        the set of live workers changed since the last look (a pass should follow): one joined or left, or one
+        expired meanwhile (its heartbeat stood still, or its process is gone).
+
+        Judging by when the read was sent, not when it is used, keeps a pause between the two (a slow answer, a
+        VM or GC pause) from making live peers look expired: their heartbeats may have moved on meanwhile."""
         before = self._last_live
-        now = self._clock()
+        now = self._clock() if at is None else at
         for worker, beat in workers.items():
             seen = self._seen.get(worker)
             if seen is None or seen[0] != beat.beat:
@@ -112,13 +116,13 @@ class LeaseCoordinator:
         for worker in set(self._seen) - set(workers):
             del self._seen[worker]
         self._workers = dict(workers)
-        self._last_live = self.live_workers()
+        self._last_live = self.live_workers(now)
         return self._last_live != before
 
-    def is_live(self, worker: str) -> bool:
+    def is_live(self, worker: str, at: float | None = None) -> bool:
         if worker == self.worker_id:
             return True
-        now = self._clock()
+        now = self._clock() if at is None else at
         beat = self._workers.get(worker)
         if beat is None:
             first = self._absent.setdefault(worker, now)
@@ -132,18 +136,16 @@ class LeaseCoordinator:
             return False  # its process is gone from this host
         return now - self._seen[worker][1] < self._failover
 
-    def live_workers(self) -> list[str]:
-        return sorted({w for w in self._workers if self.is_live(w)} | {self.worker_id})
+    def live_workers(self, at: float | None = None) -> list[str]:
+        return sorted({w for w in self._workers if self.is_live(w, at)} | {self.worker_id})
 
-    def expired_workers(self) -> list[str]:
-        return sorted(w for w in self._workers if not self.is_live(w))
-
-    def plan(self, state: StoredState, readable: Iterable[str]) -> LeasePlan:
-        """Decide a pass from a fresh read of every row and the shards the stream lets be read now."""
-        self.observe(state.workers)
+    def plan(self, state: StoredState, readable: Iterable[str], at: float | None = None) -> LeasePlan:
+        """Decide a pass from a read of every row sent at `at` (this clock) and the shards readable now."""
+        at = self._clock() if at is None else at
+        self.observe(state.workers, at)
         rows = state.checkpoints
         candidates = [s for s in readable if s in rows and not rows[s].finished]
-        live = self.live_workers()
+        live = self.live_workers(at)
         if not candidates:
             return LeasePlan(live_workers=len(live))
         share = math.ceil(len(candidates) / len(live))
@@ -152,7 +154,7 @@ class LeaseCoordinator:
         expired = [
             rows[s]
             for s in candidates
-            if rows[s].owner not in (None, self.worker_id) and not self.is_live(rows[s].owner or "")
+            if rows[s].owner not in (None, self.worker_id) and not self.is_live(rows[s].owner or "", at)
         ]
         random.shuffle(free)  # workers passing at once mostly go for different shards
         random.shuffle(expired)
@@ -161,7 +163,9 @@ class LeaseCoordinator:
         load = collections.Counter(
             rows[s].owner or "" for s in candidates if rows[s].owner not in (None, self.worker_id)
         )
-        now = self._clock()
+        for peer in load:  # leases a peer is draining to give up are on their way: not a peer stuck above its share
+            load[peer] -= min(load[peer], state.workers[peer].shedding if peer in state.workers else 0)
+        now = at
         for peer in list(self._above_since):
             if load.get(peer, 0) <= share or load[peer] < self._previous_load.get(peer, 0):
                 del self._above_since[peer]  # at its share, or giving leases up
