@@ -131,7 +131,9 @@ def test_a_process_killed_faster_than_it_delivers_a_page_still_moves_forward_eve
         assert progress[-1] < PAGE, f"cycle {cycle} delivered the whole page in one life: {progress}"
 
     last = StreamsinkProcess(config, tmp_path / "last.log")
-    wait_until(lambda: checkpointed() == PAGE or last.process.poll() is not None, timeout=60, what="the rest")
+    wait_until(
+        lambda: checkpointed() == PAGE or last.process.poll() is not None, timeout=60, what="the rest", interval=0.2
+    )
     code, _ = last.terminate(timeout=30)
     assert code == 0, last.output()
     delivered = {json.loads(m["Body"])["eventID"] for m in receive_all(sqs, queue_url)}
