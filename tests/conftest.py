@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -85,12 +86,17 @@ def make_settings(aws: EmbeddedAws, table: str, bucket: str, tmp_path: Path) -> 
     return build
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+def wait_until(
+    predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition", interval: float = 0.05
+) -> None:
+    """Poll `predicate` every `interval` seconds until it holds. A predicate that queries moto costs the server
+    (in the test's own process) tens of milliseconds a call: waits of many seconds on one poll less often, so
+    the pipeline under test, talking to the same server, is not slowed by the test watching it."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(interval)
 
 
 def read_archive(aws: EmbeddedAws, bucket: str, prefix: str = "orders/") -> pa.Table:
@@ -139,6 +145,16 @@ def _root_logging_restored() -> Iterator[None]:
         if handler not in before and not type(handler).__module__.startswith("_pytest"):
             root.removeHandler(handler)
     root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def _no_streamsink_run_left_behind() -> Iterator[None]:
+    """A `streamsink run` subprocess a failed test did not stop is killed when the test ends: left alone it outlives
+    the test session, retrying against a moto server that is gone and taking CPU from every test after it."""
+    yield
+    crash_safety = sys.modules.get("tests.test_crash_safety")  # where StreamsinkProcess lives; no runs without it
+    if crash_safety is not None:
+        crash_safety.StreamsinkProcess.kill_left_running()
 
 
 @pytest.fixture

@@ -132,6 +132,8 @@ def test_rows_and_state_of_shards_long_finished_are_forgotten(
     stream.put_item(item("k", 2))
     c = stream.roll_over_shard(b)
     stream.put_item(item("k", 3))
+    # C's change read too, before the day passes: that change would age out with A and B, and C's reader, started
+    # only once B is finished, had on a loaded machine not read it yet (the day then trimmed it unread).
     wait_until(
         lambda: pipeline.lineage.is_finished(a) and pipeline.lineage.is_finished(b) and len(sink.records) == 3,
         what="A and B read, and C's first change",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -118,14 +117,23 @@ def test_a_process_killed_faster_than_it_delivers_a_page_still_moves_forward_eve
     for cycle in range(3):
         run = StreamsinkProcess(config, tmp_path / f"run-{cycle}.log")
         run.wait_for_output("reading shard")
-        time.sleep(4.0)  # well short of the 12 s one page takes, room for a slow start on a loaded machine
+        # Killed as soon as this life has checkpointed anything new: a few batches into the page, however slowly
+        # the process started. A fixed lifetime would not do: on a loaded machine a slow start could use all of
+        # it, and a checkpoint only at the end of the page would show here as one life delivering all of it.
+        wait_until(
+            lambda run=run: checkpointed() > progress[-1] or run.process.poll() is not None,
+            timeout=30,
+            what=f"a checkpoint past {progress[-1]} in cycle {cycle}",
+        )
         run.kill()
         progress.append(checkpointed())
         assert progress[-1] > progress[-2], f"no progress in cycle {cycle}: {progress}\n{run.output()}"
-    assert progress[-1] < PAGE  # the page was never delivered within one life
+        assert progress[-1] < PAGE, f"cycle {cycle} delivered the whole page in one life: {progress}"
 
     last = StreamsinkProcess(config, tmp_path / "last.log")
-    wait_until(lambda: checkpointed() == PAGE or last.process.poll() is not None, timeout=60, what="the rest")
+    wait_until(
+        lambda: checkpointed() == PAGE or last.process.poll() is not None, timeout=60, what="the rest", interval=0.2
+    )
     code, _ = last.terminate(timeout=30)
     assert code == 0, last.output()
     delivered = {json.loads(m["Body"])["eventID"] for m in receive_all(sqs, queue_url)}

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import pyarrow.parquet as pq
 import pytest
@@ -85,12 +85,27 @@ def write_config(path: Path, sections: Mapping[str, Any]) -> Path:
 class StreamsinkProcess:
     """One `streamsink run --config FILE`; its log goes to a file, so a chatty run can never block on a pipe."""
 
+    started: ClassVar[list[StreamsinkProcess]] = []
+    """Every run started, so that one a failed test left running is killed after it (conftest)."""
+
     def __init__(self, config: Path, log: Path) -> None:
         self.log = log
         self._log_file = log.open("wb")
         self.process = subprocess.Popen(
             [*STREAMSINK, "run", "--config", str(config)], stdout=self._log_file, stderr=subprocess.STDOUT
         )
+        StreamsinkProcess.started.append(self)
+
+    @classmethod
+    def kill_left_running(cls) -> None:
+        """Kill the runs still alive: a test that failed while one ran (a wait timed out) never stopped it, and
+        it would go on retrying against a moto server that is gone, taking CPU from every later test."""
+        while cls.started:
+            run = cls.started.pop()
+            if run.process.poll() is None:
+                run.process.kill()
+                run.process.wait()
+            run._log_file.close()
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -483,6 +498,7 @@ def _run_kill_scenario(
         lambda: _checkpointed_sequences(checkpoints_now()) == wanted or last.process.poll() is not None,
         timeout=40,
         what="the last run to checkpoint every change",
+        interval=0.2,
     )
     code, report.drain_seconds = last.terminate(timeout=SHUTDOWN_TIMEOUT_SECONDS + 10)
     assert code == 0, last.output()

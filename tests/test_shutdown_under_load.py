@@ -106,7 +106,9 @@ class Scenario:
                 and int(r["dynamodb"]["SequenceNumber"]) <= int(checkpointed[shard].sequence_number or 0)
             )
 
-        wait_until(lambda: delivered() >= count or run.process.poll() is not None, timeout=40, what="checkpoints")
+        wait_until(
+            lambda: delivered() >= count or run.process.poll() is not None, timeout=40, what="checkpoints", interval=0.2
+        )
         assert run.process.poll() is None, run.output()
 
 
@@ -204,6 +206,7 @@ def test_a_shutdown_timeout_shorter_than_the_drain_exits_1_and_the_next_run_deli
         ),
         timeout=40,
         what="the next run to deliver the rest",
+        interval=0.2,
     )
     code_after, _ = rerun.terminate(timeout=20.0 + SHUTDOWN_MARGIN_SECONDS)
     assert code_after == 0, rerun.output()
