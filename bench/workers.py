@@ -134,8 +134,9 @@ def owners(moto: MotoServer, table_name: str, stream_arn: str) -> dict[str, set[
     return held
 
 
-def throughput(moto: MotoServer, shards: int, records: int) -> list[tuple[int, float, float]]:
-    """(workers, records/s, CPU milliseconds per 1,000 records over all workers) for 1 and 2 workers."""
+def throughput(moto: MotoServer, shards: int, records: int) -> list[tuple[int, float, float, float, float]]:
+    """Per run (1 and 2 workers): workers, records/s, the workers' CPU milliseconds per 1,000 records, and the
+    cores the workers and the rest of the machine (this process serving the stream, moto) used meanwhile."""
     found = []
     for count in (1, 2):
         simulator = StreamSimulator(call_log_size=10, rollover_seconds=None)
@@ -152,6 +153,8 @@ def throughput(moto: MotoServer, shards: int, records: int) -> list[tuple[int, f
                 progress_seconds=0.2,
             )
             time.sleep(2.0)  # every worker has joined and the leases are spread
+            host_cpu, moto_cpu = time.process_time(), moto.cpu_seconds()
+            worker_cpu = sum(c.progress[-1]["cpu_seconds"] if c.progress else 0.0 for c in spawned)
             written_at = time.time()
             stream.write_synthetic(records, item_bytes=1000, track_items=False)
             deadline = time.monotonic() + 600
@@ -160,10 +163,12 @@ def throughput(moto: MotoServer, shards: int, records: int) -> list[tuple[int, f
                     raise RuntimeError("the workers did not take every record")
                 time.sleep(0.05)
             done_at = time.time()
-            cpu = sum(c.progress[-1]["cpu_seconds"] for c in spawned)
+            cpu = sum(c.progress[-1]["cpu_seconds"] for c in spawned) - worker_cpu
+            others = time.process_time() - host_cpu + moto.cpu_seconds() - moto_cpu
             for child in spawned:
                 child.finish()
-        found.append((count, records / (done_at - written_at), cpu / records * 1_000_000))
+        wall = done_at - written_at
+        found.append((count, records / wall, cpu / records * 1_000_000, cpu / wall, others / wall))
     return found
 
 
@@ -230,72 +235,77 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: small figures, minutes less")
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--records", type=int, default=300_000)
+    parser.add_argument(
+        "--parts", default="1,2,3", help="which measurements: 1 throughput, 2 failover, 3 lease upkeep (default all)"
+    )
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     records = 40_000 if args.quick else args.records
     print(machine_line())
     with MotoServer() as moto:
-        print(f"\n1. throughput, archive sink to local files, {args.shards} shards, {records:,} changes of 1 KB")
-        rows = throughput(moto, args.shards, records)
-        one = rows[0][1]
-        print(
-            table(
-                ["workers", "records/s", "vs 1 worker", "CPU ms / 1k records"],
-                [[str(n), f"{rate:,.0f}", f"{rate / one:.2f}x", f"{cpu:.1f}"] for n, rate, cpu in rows],
+        if "1" in parts:
+            print(f"\n1. throughput, archive sink to local files, {args.shards} shards, {records:,} changes of 1 KB")
+            rows = throughput(moto, args.shards, records)
+            one = rows[0][1]
+            print(
+                table(
+                    ["workers", "records/s", "vs 1 worker", "CPU ms / 1k records", "workers' cores", "other cores"],
+                    [
+                        [str(n), f"{rate:,.0f}", f"{rate / one:.2f}x", f"{cpu:.1f}", f"{used:.2f}", f"{rest:.2f}"]
+                        for n, rate, cpu, used, rest in rows
+                    ],
+                )
             )
+            print("other cores: this process (the simulated stream's server, writing the backlog) and moto")
+        if "2" in parts:
+            failovers(moto, 1 if args.quick else 2)
+        if "3" in parts:
+            upkeep(moto, args.quick)
+
+
+def failovers(moto: MotoServer, rounds: int) -> None:
+    print("\n2. failover at the default lease settings (failover 10 s, heartbeat 3.3 s, pass 20 s), 2 workers")
+    found = []
+    for how in ("kill", "pause"):
+        seconds = failover(moto, how, rounds)
+        label = "SIGKILL (same host)" if how == "kill" else "SIGSTOP (as seen of a dead host)"
+        found.append(
+            [
+                label,
+                str(len(seconds)),
+                f"{min(seconds, default=float('nan')):.1f}",
+                f"{percentile(seconds, 50) if seconds else float('nan'):.1f}",
+                f"{max(seconds, default=float('nan')):.1f}",
+            ]
         )
-        print("\n2. failover at the default lease settings (failover 10 s, heartbeat 3.3 s, pass 20 s), 2 workers")
-        rounds = 1 if args.quick else 2
-        found = []
-        for how in ("kill", "pause"):
-            seconds = failover(moto, how, rounds)
-            label = "SIGKILL (same host)" if how == "kill" else "SIGSTOP (as seen of a dead host)"
-            found.append(
-                [
-                    label,
-                    str(len(seconds)),
-                    f"{min(seconds, default=float('nan')):.1f}",
-                    f"{percentile(seconds, 50) if seconds else float('nan'):.1f}",
-                    f"{max(seconds, default=float('nan')):.1f}",
-                ]
-            )
-        print(table(["signal", "orphans", "min s", "p50 s", "max s"], found))
-        print("\n3. lease upkeep at steady state (no changes flowing: every write is lease upkeep)")
-        window = 30.0 if args.quick else 60.0
-        cost_rows = []
-        for shards, count in ((100, 2), (100, 4), (1000, 2), (1000, 4)) if not args.quick else ((100, 2),):
-            writes, reads = lease_cost(moto, shards, count, window)
-            kcl = shards * 60 / (10.0 / 3)
-            cost_rows.append(
-                [
-                    str(shards),
-                    str(count),
-                    f"{writes:,.0f}",
-                    f"{writes / shards:.2f}",
-                    f"{kcl:,.0f}",
-                    f"${writes * MINUTES_PER_MONTH / 1e6 * WRITE_PRICE_PER_MILLION:,.2f}",
-                    f"${kcl * MINUTES_PER_MONTH / 1e6 * WRITE_PRICE_PER_MILLION:,.2f}",
-                    f"{reads:,.0f}",
-                ]
-            )
-        print(
-            table(
-                [
-                    "shards",
-                    "workers",
-                    "writes/min",
-                    "per shard",
-                    "KCL writes/min",
-                    "ours $/month",
-                    "KCL $/month",
-                    "read calls/min",
-                ],
-                cost_rows,
-            )
+    print(table(["signal", "orphans", "min s", "p50 s", "max s"], found))
+
+
+def upkeep(moto: MotoServer, quick: bool) -> None:
+    print("\n3. lease upkeep at steady state (no changes flowing: every write is lease upkeep)")
+    window = 30.0 if quick else 60.0
+    cost_rows = []
+    for shards, count in ((100, 2),) if quick else ((100, 2), (100, 4), (1000, 2), (1000, 4)):
+        writes, reads = lease_cost(moto, shards, count, window)
+        kcl = shards * 60 / (10.0 / 3)
+        cost_rows.append(
+            [
+                str(shards),
+                str(count),
+                f"{writes:,.0f}",
+                f"{writes / shards:.2f}",
+                f"{kcl:,.0f}",
+                f"${writes * MINUTES_PER_MONTH / 1e6 * WRITE_PRICE_PER_MILLION:,.2f}",
+                f"${kcl * MINUTES_PER_MONTH / 1e6 * WRITE_PRICE_PER_MILLION:,.2f}",
+                f"{reads:,.0f}",
+            ]
         )
-        print(
-            f"writes priced at ${WRITE_PRICE_PER_MILLION}/million on-demand write units (1 KB items), reads at "
-            f"${READ_PRICE_PER_MILLION}/million read units (a pass reads the whole partition: several units)"
-        )
+    headers = ["shards", "workers", "writes/min", "per shard", "KCL writes/min", "ours $/month", "KCL $/month"]
+    print(table([*headers, "read calls/min"], cost_rows))
+    print(
+        f"writes priced at ${WRITE_PRICE_PER_MILLION}/million on-demand write units (1 KB items), reads at "
+        f"${READ_PRICE_PER_MILLION}/million read units (a pass reads the whole partition: several units)"
+    )
 
 
 if __name__ == "__main__":

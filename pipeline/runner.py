@@ -152,6 +152,8 @@ class Pipeline:
         """Commit what is delivered at once (shards are being given up), not when the sinks' buffers are due."""
         self._beat = 0
         self._lease_thread: threading.Thread | None = None
+        self._heartbeat_thread: threading.Thread | None = None
+        self.heartbeat_failing_since: float | None = None
         self._lease_wake = threading.Event()
         self._pass_now = threading.Event()
         self._schedule_lock = threading.Lock()
@@ -194,6 +196,8 @@ class Pipeline:
         self.lineage.mark_finished(shard_id for shard_id, row in rows.items() if row.finished)
         self.stats.committed.update({s: row.sequence_number for s, row in rows.items() if row.sequence_number})
         self._heartbeat()
+        self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        self._heartbeat_thread.start()  # before the first pass, which may take a thousand leases
         store.announce()  # peers above their share give some up now, not at their next pass
         self._lease_pass()
         log.info(
@@ -471,14 +475,28 @@ class Pipeline:
                 self.stats.lease_events["released"] += 1
         self.store.announce()
 
+    def _heartbeat_loop(self) -> None:
+        """A heartbeat every `lease.heartbeat_seconds`, on a thread of its own: a long pass (a thousand takes, a
+        throttled table) must never make this worker look gone to its peers."""
+        while not self._stopping.wait(self.settings.lease.heartbeat):
+            try:
+                if self._heartbeat():
+                    self._request_pass()
+                self.heartbeat_failing_since = None
+            except ShutdownInterruptedError:
+                return
+            except Exception as exc:
+                if self.heartbeat_failing_since is None:
+                    self.heartbeat_failing_since = time.time()
+                log.error("heartbeat failed, trying again in %.1fs: %s", self.settings.lease.heartbeat, exc)
+
     def _lease_loop(self) -> None:
-        """Heartbeats every `lease.heartbeat_seconds`; a pass every `lease.pass_interval_seconds`, or at once
-        when a heartbeat read shows a change, a shard finished or discovery found one nobody holds."""
+        """A pass every `lease.pass_interval_seconds`, or at once when a heartbeat read shows a change, a shard
+        finished or discovery found one nobody holds; releases of given-up shards as they drain."""
         lease = self.settings.lease
-        next_beat = time.monotonic() + lease.heartbeat
         next_pass = time.monotonic() + lease.pass_interval
         while not self._stopping.is_set():
-            wait = min(next_beat, next_pass) - time.monotonic()
+            wait = next_pass - time.monotonic()
             if self._shedding:
                 wait = min(wait, 0.2)
             self._lease_wake.wait(max(0.0, wait))
@@ -486,12 +504,7 @@ class Pipeline:
             if self._stopping.is_set():
                 return
             try:
-                now = time.monotonic()
-                look = self._pass_now.is_set()
-                if now >= next_beat:
-                    next_beat = now + lease.heartbeat
-                    look = self._heartbeat() or look
-                if look or now >= next_pass:
+                if self._pass_now.is_set() or time.monotonic() >= next_pass:
                     self._pass_now.clear()
                     next_pass = time.monotonic() + lease.pass_interval
                     self._lease_pass()
@@ -502,7 +515,7 @@ class Pipeline:
             except Exception as exc:
                 if self.lease_failing_since is None:
                     self.lease_failing_since = time.time()
-                log.error("lease upkeep failed, trying again at the next heartbeat: %s", exc)
+                log.error("lease pass failed, trying again at the next one: %s", exc)
 
     def _request_pass(self) -> None:
         self._pass_now.set()
@@ -843,6 +856,8 @@ class Pipeline:
             self._discovery_thread.join(5.0)
         if self._lease_thread is not None:
             self._lease_thread.join(5.0)
+        if self._heartbeat_thread is not None:
+            self._heartbeat_thread.join(5.0)
         delivering = self._delivery_thread is not None and self._delivery_thread.is_alive()
         self.delivery.stop()
         delivering = delivering or self.delivery.busy

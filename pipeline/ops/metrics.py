@@ -97,6 +97,12 @@ class PipelineMetrics:
                 f"checkpoint table {store.table_name}: commits failing for {now - store.failing_since:.0f}s "
                 f"({store.last_error}); delivery waits until it is back"
             )
+        beating = pipeline.heartbeat_failing_since
+        if beating is not None and now - beating > self.stall_seconds:
+            reasons.append(
+                f"heartbeats failing for {now - beating:.0f}s: peers take this worker's shards after "
+                f"lease.failover_seconds"
+            )
         failing_sinks = dict(pipeline.delivery.stats.failing_since)
         for sink, since in failing_sinks.items():
             if now - since > self.stall_seconds:

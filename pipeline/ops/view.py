@@ -85,5 +85,9 @@ class PipelineView(Protocol):
     def discovery_error(self) -> str | None: ...
 
     @property
+    def heartbeat_failing_since(self) -> float | None:
+        """Wall-clock time since which this worker's heartbeats have been failing, or None."""
+
+    @property
     def reading_nothing_since(self) -> float | None:
         """Wall-clock time since which no shard has been read while the stream has unfinished shards, or None."""

@@ -24,6 +24,7 @@ import math
 import os
 import random
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -98,6 +99,7 @@ class LeaseCoordinator:
         self._previous_load: collections.Counter[str] = collections.Counter()
         """Leases per peer at the last pass: a peer holding fewer than then is giving leases up."""
         self.last_changes: int | None = None
+        self._lock = threading.RLock()  # heartbeats (their own thread) and passes both observe
 
     def observe(self, workers: dict[str, WorkerBeat], at: float | None = None) -> bool:
         """Take in the heartbeat rows, read at `at` (this clock, before the read was sent; default now); True if
@@ -106,6 +108,10 @@ class LeaseCoordinator:
 
         Judging by when the read was sent, not when it is used, keeps a pause between the two (a slow answer, a
         VM or GC pause) from making live peers look expired: their heartbeats may have moved on meanwhile."""
+        with self._lock:
+            return self._observe(workers, at)
+
+    def _observe(self, workers: dict[str, WorkerBeat], at: float | None) -> bool:
         before = self._last_live
         now = self._clock() if at is None else at
         for worker, beat in workers.items():
@@ -120,6 +126,10 @@ class LeaseCoordinator:
         return self._last_live != before
 
     def is_live(self, worker: str, at: float | None = None) -> bool:
+        with self._lock:
+            return self._is_live(worker, at)
+
+    def _is_live(self, worker: str, at: float | None) -> bool:
         if worker == self.worker_id:
             return True
         now = self._clock() if at is None else at
@@ -137,12 +147,16 @@ class LeaseCoordinator:
         return now - self._seen[worker][1] < self._failover
 
     def live_workers(self, at: float | None = None) -> list[str]:
-        return sorted({w for w in self._workers if self.is_live(w, at)} | {self.worker_id})
+        with self._lock:
+            return sorted({w for w in self._workers if self._is_live(w, at)} | {self.worker_id})
 
     def plan(self, state: StoredState, readable: Iterable[str], at: float | None = None) -> LeasePlan:
         """Decide a pass from a read of every row sent at `at` (this clock) and the shards readable now."""
-        at = self._clock() if at is None else at
-        self.observe(state.workers, at)
+        with self._lock:
+            return self._plan(state, list(readable), self._clock() if at is None else at)
+
+    def _plan(self, state: StoredState, readable: list[str], at: float) -> LeasePlan:
+        self._observe(state.workers, at)
         rows = state.checkpoints
         candidates = [s for s in readable if s in rows and not rows[s].finished]
         live = self.live_workers(at)
