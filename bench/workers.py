@@ -25,6 +25,7 @@ import argparse
 import collections
 import http.client
 import http.server
+import multiprocessing
 import os
 import signal
 import socketserver
@@ -32,14 +33,25 @@ import tempfile
 import threading
 import time
 import uuid
+from multiprocessing.connection import Connection
 from typing import Any
 
-from harness import MotoServer, PipelineChild, StreamHost, child_spec, machine_line, percentile, table
+from harness import (
+    MotoServer,
+    PipelineChild,
+    StreamHost,
+    child_spec,
+    machine_line,
+    percentile,
+    process_cpu_seconds,
+    table,
+)
 
 from pipeline.retry import RetryPolicy
 from pipeline.settings import RetrySettings
 from pipeline.state.checkpoint import CheckpointStore
 from pipeline.testing.simulated_stream import StreamSimulator
+from pipeline.testing.simulated_stream_server import SimulatedStreamsServer
 
 WRITE_OPERATIONS = {"PutItem", "UpdateItem", "DeleteItem", "BatchWriteItem", "TransactWriteItems"}
 WRITE_PRICE_PER_MILLION = 0.625  # on-demand write request units, us-east-1
@@ -134,18 +146,34 @@ def owners(moto: MotoServer, table_name: str, stream_arn: str) -> dict[str, set[
     return held
 
 
+def _serve_stream(connection: Connection, shards: int) -> None:
+    """In a process of its own: the simulated stream over HTTP, so that serving it shares no GIL with anything
+    measured; writes a backlog when told to."""
+    simulator = StreamSimulator(call_log_size=10, rollover_seconds=None)
+    stream = simulator.create_stream("orders", shards=shards)
+    server = SimulatedStreamsServer(simulator).start()
+    connection.send((server.endpoint_url, stream.arn))
+    while (command := connection.recv()) != "stop":
+        stream.write_synthetic(int(command), item_bytes=1000, track_items=False)
+        connection.send("written")
+    server.stop()
+
+
 def throughput(moto: MotoServer, shards: int, records: int) -> list[tuple[int, float, float, float, float]]:
     """Per run (1 and 2 workers): workers, records/s, the workers' CPU milliseconds per 1,000 records, and the
-    cores the workers and the rest of the machine (this process serving the stream, moto) used meanwhile."""
+    cores the workers and the rest of the machine (the stream's server, moto) used meanwhile."""
     found = []
     for count in (1, 2):
-        simulator = StreamSimulator(call_log_size=10, rollover_seconds=None)
-        stream = simulator.create_stream("orders", shards=shards)
-        with StreamHost(simulator) as host, tempfile.TemporaryDirectory(prefix="streamsink-bench-") as local_dir:
+        ours, theirs = multiprocessing.Pipe()
+        serving = multiprocessing.get_context("spawn").Process(target=_serve_stream, args=(theirs, shards))
+        serving.start()
+        url, stream_arn = ours.recv()
+        assert serving.pid is not None
+        with tempfile.TemporaryDirectory(prefix="streamsink-bench-") as local_dir:
             spawned, _ = workers(
                 moto.url,
-                host,
-                stream.arn,
+                _Url(url),
+                stream_arn,
                 count,
                 {"failover_seconds": 10.0},
                 sink="local",
@@ -153,10 +181,11 @@ def throughput(moto: MotoServer, shards: int, records: int) -> list[tuple[int, f
                 progress_seconds=0.2,
             )
             time.sleep(2.0)  # every worker has joined and the leases are spread
-            host_cpu, moto_cpu = time.process_time(), moto.cpu_seconds()
+            host_cpu, moto_cpu = process_cpu_seconds(serving.pid), moto.cpu_seconds()
             worker_cpu = sum(c.progress[-1]["cpu_seconds"] if c.progress else 0.0 for c in spawned)
             written_at = time.time()
-            stream.write_synthetic(records, item_bytes=1000, track_items=False)
+            ours.send(str(records))
+            ours.recv()
             deadline = time.monotonic() + 600
             while sum(c.progress[-1]["taken"] if c.progress else 0 for c in spawned) < records:
                 if time.monotonic() > deadline:
@@ -164,9 +193,11 @@ def throughput(moto: MotoServer, shards: int, records: int) -> list[tuple[int, f
                 time.sleep(0.05)
             done_at = time.time()
             cpu = sum(c.progress[-1]["cpu_seconds"] for c in spawned) - worker_cpu
-            others = time.process_time() - host_cpu + moto.cpu_seconds() - moto_cpu
+            others = process_cpu_seconds(serving.pid) - host_cpu + moto.cpu_seconds() - moto_cpu
             for child in spawned:
                 child.finish()
+        ours.send("stop")
+        serving.join(30)
         wall = done_at - written_at
         found.append((count, records / wall, cpu / records * 1_000_000, cpu / wall, others / wall))
     return found
@@ -204,7 +235,7 @@ def failover(moto: MotoServer, how: str, rounds: int) -> list[float]:
     return seconds
 
 
-def lease_cost(moto: MotoServer, shards: int, count: int, window: float) -> tuple[float, float]:
+def lease_cost(moto: MotoServer, shards: int, count: int, window: float) -> tuple[float, float, str]:
     """Write and read requests per minute to the lease table at steady state (nothing written to the stream)."""
     proxy = CountingProxy(moto.url)
     simulator = StreamSimulator(call_log_size=10, rollover_seconds=None)
@@ -223,11 +254,16 @@ def lease_cost(moto: MotoServer, shards: int, count: int, window: float) -> tupl
             time.sleep(window)
             writes = (proxy.writes() - before_writes) / window * 60
             reads = sum(proxy.counts[op] - before.get(op, 0) for op in ("Query", "GetItem")) / window * 60
+            by_operation = ", ".join(
+                f"{op} {(n - before.get(op, 0)) / window * 60:,.0f}"
+                for op, n in sorted(proxy.counts.items())
+                if n > before.get(op, 0)
+            )
             for child in spawned:
                 child.finish()
     finally:
         proxy.stop()
-    return writes, reads
+    return writes, reads, by_operation
 
 
 def main() -> None:
@@ -256,7 +292,7 @@ def main() -> None:
                     ],
                 )
             )
-            print("other cores: this process (the simulated stream's server, writing the backlog) and moto")
+            print("other cores: the simulated stream's server (a process of its own, writing the backlog) and moto")
         if "2" in parts:
             failovers(moto, 1 if args.quick else 2)
         if "3" in parts:
@@ -286,7 +322,8 @@ def upkeep(moto: MotoServer, quick: bool) -> None:
     window = 30.0 if quick else 60.0
     cost_rows = []
     for shards, count in ((100, 2),) if quick else ((100, 2), (100, 4), (1000, 2), (1000, 4)):
-        writes, reads = lease_cost(moto, shards, count, window)
+        writes, reads, by_operation = lease_cost(moto, shards, count, window)
+        print(f"  {shards} shards, {count} workers, requests per minute: {by_operation}")
         kcl = shards * 60 / (10.0 / 3)
         cost_rows.append(
             [
