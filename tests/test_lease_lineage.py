@@ -19,7 +19,11 @@ from sinks.memory import MemorySink
 from tests.conftest import wait_until
 from tests.test_workers import worker_of
 
-LEASE = {"failover_seconds": 2.0, "heartbeat_seconds": 0.2, "pass_interval_seconds": 0.5}
+LEASE = {
+    "failover_seconds": 3.0,
+    "heartbeat_seconds": 0.2,
+    "pass_interval_seconds": 0.5,
+}  # 3 s: room for a loaded machine
 
 
 class GateSink(MemorySink):
@@ -80,7 +84,11 @@ def test_a_child_is_read_by_no_worker_before_its_parent_held_by_another_is_finis
 
     opened = time.monotonic()
     held_back.up.set()
-    wait_until(lambda: len(held_back.records) + len(other.records) == 11, what="every change delivered")
+    # Distinct changes: on a loaded machine a heartbeat can be late past the (short) failover time here, a lease
+    # then moves and its span is delivered twice, which at-least-once allows.
+    wait_until(
+        lambda: len({r.event_id for r in held_back.records + other.records}) == 11, what="every change delivered"
+    )
     child_calls = [c for c in simulator.calls() if c.shard_id in children]
     assert child_calls and min(c.at for c in child_calls) > opened
     assert a.store is not None and a.store.load()[parent].finished
