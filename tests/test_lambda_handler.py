@@ -1,8 +1,9 @@
 """The Lambda handler, driven with events in Lambda's exact format, against a moto server over HTTP.
 
-Events come from real stream records read from moto (converted as Lambda converts GetRecords records: camelCase
-`eventSourceARN`, epoch-second creation times, binary as base64), from the sample event in AWS's Lambda
-documentation, and from factory-built records where a test needs many changes of a few items.
+Events come from real stream records read from moto and from the simulated stream (converted as Lambda converts
+GetRecords records: camelCase `eventSourceARN`, epoch-second creation times, binary as base64), from the sample
+event in AWS's Lambda documentation, and from factory-built records where a test needs many changes of a few
+items.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pipeline.lambda_handler import SHARD_ID, LambdaEventError, LambdaPipeline, 
 from pipeline.records import change_record_from_stream
 from pipeline.settings import ConfigError, Settings, load_settings
 from pipeline.testing.emulator import EmbeddedAws
+from pipeline.testing.simulated_stream import StreamSimulator
 from sinks.base import PermanentSinkError, Sink
 from sinks.memory import FlakySink, MemorySink, refuse_event_ids
 from sinks.messages import lambda_record
@@ -361,6 +363,61 @@ def test_the_sample_event_of_the_aws_documentation_reaches_every_sink(
     assert sorted(received_event_ids(sqs, queue_url)) == ["1", "2", "3"]
     assert sorted(received_event_ids(sqs, topic_url)) == ["1", "2", "3"]
     pipeline.close()
+
+
+def test_records_of_a_simulated_stream_across_a_split_reach_the_replica_and_the_archive_shard_by_shard(
+    aws: EmbeddedAws, bucket: str, replica: str
+) -> None:
+    """The simulated stream's records (21+ digit sequence numbers, a split, deletes), read shard by shard with a
+    real boto3 client and converted as Lambda converts them, one invocation per shard and parents first as an event
+    source mapping sends them: the replica ends equal to the table, the archive holds every change once."""
+    simulator = StreamSimulator(rollover_seconds=None)
+    stream = simulator.create_stream("orders", shards=1, key_schema=[("pk", "HASH"), ("sk", "RANGE")])
+    for n in range(12):
+        stream.put_item({"pk": {"S": f"k{n % 5}"}, "sk": {"S": "a"}, "v": {"N": str(n)}})
+    stream.split_shard()
+    for n in range(12, 30):
+        if n % 7 == 0:
+            stream.delete_item({"pk": {"S": f"k{n % 5}"}, "sk": {"S": "a"}})
+        else:
+            stream.put_item({"pk": {"S": f"k{n % 5}"}, "sk": {"S": "a"}, "v": {"N": str(n)}})
+    streams = aws.client("dynamodbstreams")
+    simulator.attach(streams)
+    settings = settings_for(
+        aws,
+        [
+            {"type": "dynamodb_table", "table_name": replica},
+            {"type": "s3_parquet", "bucket": bucket, "prefix": "orders/"},
+        ],
+        source={"region": aws.region, "endpoint_url": aws.endpoint_url, "stream_arn": stream.arn},
+    )
+    pipeline = LambdaPipeline(settings)
+    pipeline.open(FakeContext(20))
+    every: list[str] = []
+    for shard in stream.shards():  # parents first
+        iterator = streams.get_shard_iterator(
+            StreamArn=stream.arn, ShardId=shard.shard_id, ShardIteratorType="TRIM_HORIZON"
+        )["ShardIterator"]
+        raw: list[Any] = []
+        while iterator:  # a closed shard to its end (no NextShardIterator), an open one to its first empty page
+            page = streams.get_records(ShardIterator=iterator)
+            raw.extend(page["Records"])
+            closed = shard.ending_sequence_number is not None
+            iterator = page.get("NextShardIterator") if closed or page["Records"] else None
+        records = [
+            change_record_from_stream(r, table="orders", shard_id=shard.shard_id, stream_arn=stream.arn) for r in raw
+        ]
+        if records:
+            event = lambda_event(records)
+            assert len(event["Records"][0]["dynamodb"]["SequenceNumber"]) >= 21
+            assert pipeline.handle(event, FakeContext(20)) == {"batchItemFailures": []}
+            every.extend(r.event_id for r in records)
+    pipeline.close()
+    assert len(every) == 30
+    items = aws.client("dynamodb").scan(TableName=replica, ConsistentRead=True)["Items"]
+    replicated = sorted(({k: v for k, v in i.items() if k != "_streamsink_sequence"} for i in items), key=repr)
+    assert replicated == sorted(stream.items(), key=repr)
+    assert sorted(read_archive(aws, bucket).to_pydict()["event_id"]) == sorted(every)
 
 
 # --- the failure contract ---------------------------------------------------------------------------------------
