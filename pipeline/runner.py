@@ -31,7 +31,7 @@ from pipeline.ops.view import PipelineStats
 from pipeline.retry import RetryPolicy, ShutdownInterruptedError
 from pipeline.settings import Settings, resolve_locations
 from pipeline.source.reader import ShardPage, ShardReader, StartPosition, TrimmedDataError
-from pipeline.source.scheduler import PollScheduler
+from pipeline.source.scheduler import PollScheduler, ShardProgress
 from pipeline.source.stream import (
     ShardInfo,
     ShardLineage,
@@ -146,8 +146,9 @@ class Pipeline:
         self.lease_failing_since: float | None = None
         self._leased: dict[str, int] = {}
         """Shards whose lease this worker holds, and the epoch it holds them at."""
-        self._shedding: dict[str, tuple[ShardReader | None, float]] = {}
-        """Shards being given up: their dropped reader, and since when (monotonic) they drain."""
+        self._shedding: dict[str, tuple[ShardProgress | None, float]] = {}
+        """Shards being given up: what their dropped reader read (its last record, also of a poll still in flight
+        when it was dropped), and since when (monotonic) they drain."""
         self._commit_soon = threading.Event()
         """Commit what is delivered at once (shards are being given up), not when the sinks' buffers are due."""
         self._beat = 0
@@ -156,7 +157,9 @@ class Pipeline:
         self.heartbeat_failing_since: float | None = None
         self._lease_wake = threading.Event()
         self._pass_now = threading.Event()
-        self._schedule_lock = threading.Lock()
+        self._schedule_lock = threading.RLock()
+        """Held while readers are scheduled or dropped, and while `_leased` / `_shedding` are checked and changed
+        (the lease, heartbeat, delivery and discovery threads all touch them)."""
 
     # -- start -------------------------------------------------------------------------------------------
 
@@ -350,6 +353,8 @@ class Pipeline:
         """Show this worker is alive and read the others' heartbeats; True if a pass should follow now (a worker
         joined, left or expired, or leases were released)."""
         assert self.store is not None
+        if self._stopping.is_set() and self._beat:
+            return False  # the stop deletes the heartbeat row: none may be written after it
         self._beat += 1
         self.store.heartbeat(self._beat, len(self._leased), self.leases.identity, shedding=len(self._shedding))
         read_at = time.monotonic()
@@ -392,7 +397,8 @@ class Pipeline:
         for row, taken in zip(rows, self.store.take_all(rows), strict=True):
             if taken is None:
                 continue  # another worker was quicker
-            self._leased[row.shard_id] = taken.lease_epoch
+            with self._schedule_lock:
+                self._leased[row.shard_id] = taken.lease_epoch
             self.stats.lease_events[how] += 1
             if row.owner is not None:
                 log.info("lease of shard %s %s from worker %s", row.shard_id, how, row.owner)
@@ -411,12 +417,13 @@ class Pipeline:
     def _lose(self, shard_id: str, why: str, epoch: int | None) -> None:
         """Stop reading a shard whose lease went to another worker: its checkpoint is that worker's now. Only
         the lease held at `epoch` is lost: a refusal noticed late must not drop a lease taken again since."""
-        if epoch is None or self._leased.get(shard_id) != epoch:
-            return
-        del self._leased[shard_id]
+        with self._schedule_lock:
+            if epoch is None or self._leased.get(shard_id) != epoch:
+                return
+            del self._leased[shard_id]
+            self._shedding.pop(shard_id, None)
+            self._stop_reading(shard_id)
         self.stats.lease_events["lost"] += 1
-        self._shedding.pop(shard_id, None)
-        self._stop_reading(shard_id)
         log.warning(
             "lease of shard %s lost (%s): stopped reading it; what this worker read past its checkpoint is "
             "read again by the new owner",
@@ -424,13 +431,15 @@ class Pipeline:
             why,
         )
 
-    def _stop_reading(self, shard_id: str) -> ShardReader | None:
-        """Drop a shard's reader (a poll in flight still hands its page on); returns the reader."""
-        reader = self.scheduler.remove(shard_id)
+    def _stop_reading(self, shard_id: str) -> ShardProgress | None:
+        """Drop a shard's reader (a poll in flight still hands its page on, and notes it in the progress returned);
+        under the schedule lock, so no reader of the shard can be scheduled meanwhile."""
         with self._schedule_lock:
+            progress = self.scheduler.progress.get(shard_id)
+            self.scheduler.remove(shard_id)
             self._reading.discard(shard_id)
-            fixed = self._fixed_readers.pop(shard_id, None)
-        return reader or fixed
+            self._fixed_readers.pop(shard_id, None)
+            return progress
 
     def _shed(self, shard_ids: list[str], share: int) -> None:
         """Give up leases above this worker's share: stop reading, let what was read be delivered and
@@ -443,36 +452,36 @@ class Pipeline:
             ", ".join(shard_ids),
         )
         now = time.monotonic()
-        for shard_id in shard_ids:
-            self._shedding[shard_id] = (self._stop_reading(shard_id), now)
+        with self._schedule_lock:  # marked as being given up before its reader is dropped: none is scheduled again
+            for shard_id in shard_ids:
+                self._shedding[shard_id] = (self._stop_reading(shard_id), now)
         self._commit_soon.set()
 
-    def _drained(self, shard_id: str, reader: ShardReader | None, since: float) -> bool:
-        """Everything the dropped reader handed on is checkpointed, and no poll of it is still in flight."""
+    def _drained(self, shard_id: str, progress: ShardProgress | None) -> bool:
+        """No poll of the shard is in flight, and the checkpoint covers the last record its dropped reader read
+        (pages whose records were all left out, made before the first start, read none and move nothing)."""
         if self.scheduler.polling(shard_id):
             return False
-        last = None if reader is None else reader.last_sequence_read
+        last = None if progress is None else progress.last_sequence_read
         committed = self.stats.committed.get(shard_id)
-        if last is None or (committed is not None and int(committed) >= int(last)):
-            return True
-        # A last page whose records were all left out (made before the first start) moves no checkpoint: once
-        # nothing at all is queued or being delivered, nothing of the shard is left to wait for.
-        idle = self.queue.depth[0] == 0 and self.delivery.in_flight == 0 and not self._commit_soon.is_set()
-        return idle and time.monotonic() - since > self.settings.lease.heartbeat
+        return last is None or (committed is not None and int(committed) >= int(last))
 
     def _release_drained(self) -> None:
         """Release given-up shards once drained; a shard that cannot be drained (a sink down) stays held."""
         assert self.store is not None
         if not self._shedding:
             return
-        ready = [s for s, (reader, since) in list(self._shedding.items()) if self._drained(s, reader, since)]
+        with self._schedule_lock:
+            ready = [s for s, (progress, _since) in list(self._shedding.items()) if self._drained(s, progress)]
         if not ready:
             return
         self.store.release(ready)
-        for shard_id in ready:
-            self._shedding.pop(shard_id, None)
-            if self._leased.pop(shard_id, None) is not None:
-                self.stats.lease_events["released"] += 1
+        with self._schedule_lock:
+            for shard_id in ready:
+                self._shedding.pop(shard_id, None)
+                self._stop_reading(shard_id)  # none may be left, whatever scheduled it
+                if self._leased.pop(shard_id, None) is not None:
+                    self.stats.lease_events["released"] += 1
         self.store.announce()
 
     def _heartbeat_loop(self) -> None:
@@ -524,13 +533,19 @@ class Pipeline:
     def _release_all(self) -> None:
         """At a stop with everything delivered: give every lease up so peers take them at once."""
         assert self.store is not None
-        held = [s for s in self._leased if not self.lineage.is_finished(s)]
         try:
+            with self._schedule_lock:
+                held = [s for s in list(self._leased) if not self.lineage.is_finished(s)]
             if held:
                 self.store.release(held)
                 self.stats.lease_events["released"] += len(held)
                 self.store.announce()
             self.store.leave()
+            if self._heartbeat_thread is not None and self._heartbeat_thread.is_alive():
+                # A heartbeat still under way (a slow answer) would land after the delete: a worker row peers
+                # count as live for the failover time. Wait for it (the client's read timeout bounds it), delete again.
+                self._heartbeat_thread.join(35.0)
+                self.store.leave()
         except Exception as exc:
             log.warning("releasing leases at the stop failed (peers take them after lease.failover_seconds): %s", exc)
             return
@@ -776,7 +791,8 @@ class Pipeline:
         """Everything delivered so far becomes durable in every sink, then the checkpoint records it."""
         assert self.store is not None
         self.delivery.flush()
-        self._commit_soon.clear()
+        if not self._shedding:
+            self._commit_soon.clear()  # while shards drain, every commit is made at once
         refused = self.store.save(progress.positions, progress.finished, progress.record_times)
         for shard_id, epoch in refused.items():
             self._lose(shard_id, "the checkpoint write was refused: another worker holds it", epoch)
@@ -796,8 +812,9 @@ class Pipeline:
             # Everything read is checkpointed, or progress was made and what is left was read after this moment.
             progress_of.unacked_since = None if read is None or int(sequence) >= int(read) else now
         if finished:
-            for shard_id in finished:
-                self._leased.pop(shard_id, None)  # a finished shard is nobody's to read: its lease means nothing
+            with self._schedule_lock:
+                for shard_id in finished:
+                    self._leased.pop(shard_id, None)  # a finished shard is nobody's to read: its lease means nothing
             self.stats.shards_finished += len(finished)
             self.lineage.mark_finished(finished)
             with self._schedule_lock:

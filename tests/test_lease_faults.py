@@ -272,3 +272,162 @@ def test_a_worker_resuming_from_a_pause_takes_no_lease_from_a_live_peer(
     time.sleep(LEASE["failover_seconds"] + 1.0 + 3.0)  # A resumes and plans; B was heartbeating throughout
     # B may take A's shard (A was paused: that is the failover), but B never stopped, so nothing is taken from B.
     assert b.stats.lease_events["lost"] == 0, (dict(a.stats.lease_events), dict(b.stats.lease_events))
+
+
+# Discovery scheduling readers while a shard is being given up (its own thread, at any moment): no reader of the
+# shard is started once it is being given up, and none survives its release.
+def test_discovery_scheduling_during_a_give_up_leaves_no_reader_of_the_released_shard(
+    aws: EmbeddedAws, make_settings: Callable[..., Settings], started: Callable[[Pipeline], Pipeline]
+) -> None:
+    simulator = StreamSimulator(rollover_seconds=None)
+    stream = simulator.create_stream("orders", shards=2)
+    pipeline = _pipeline_factory(aws, make_settings, simulator, stream.arn)
+    first = MemorySink("a")
+    a = started(pipeline("a", first))
+    wait_until(lambda: len(a._leased) == 2 and len(a.scheduler.active_shard_ids()) == 2, what="A reads both")
+    real = a._stop_reading
+    raced = threading.Event()
+
+    def stop_then_discovery_runs(shard_id: str) -> Any:
+        progress = real(shard_id)
+        if threading.current_thread().name == "leases" and not raced.is_set():
+            raced.set()
+            a._schedule_readable()  # what the discovery thread may do at this moment
+        return progress
+
+    a._stop_reading = stop_then_discovery_runs  # type: ignore[method-assign]
+    second = MemorySink("b")
+    b = started(pipeline("b", second))
+    wait_until(lambda: len(a._leased) == 1 and len(b._leased) == 1, timeout=30, what="one shard each")
+    time.sleep(1.0)
+    theirs = next(iter(b._leased))
+    assert raced.is_set()
+    assert theirs not in a.scheduler.active_shard_ids(), (
+        f"A still polls {theirs}, now held by B",
+        a.scheduler.active_shard_ids(),
+        dict(a.stats.lease_events),
+    )
+
+
+class _HeldSink(MemorySink):
+    """Writes wait on `gate` once armed; a batch of `slow` shard records takes 1 s more; flushes are not due (a
+    buffering sink, e.g. the archive) while `hold_flush` is set."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.armed = False
+        self.gate = threading.Event()
+        self.slow: str | None = None
+        self.hold_flush = False
+
+    def write(self, batch: Any) -> Any:
+        if self.armed:
+            self.gate.wait(30)
+            if any(r.shard_id == self.slow for r in batch.records):
+                time.sleep(1.0)
+        return super().write(batch)
+
+    def flush_due(self, now: float) -> bool:
+        return not self.hold_flush
+
+
+# Another shard's commit between the give-up and the given-up shard's last batch (a buffering sink whose flush is
+# not due): the shard is released only once its own records are checkpointed, so the joiner reads none again.
+def test_another_shards_commit_does_not_release_a_given_up_shard_before_its_records_are_checkpointed(
+    aws: EmbeddedAws, make_settings: Callable[..., Settings], started: Callable[[Pipeline], Pipeline]
+) -> None:
+    simulator = StreamSimulator(rollover_seconds=None)
+    stream = simulator.create_stream("orders", shards=2)
+    other, target = sorted(stream.open_shard_ids())  # A gives up sorted(mine)[share:]
+    pipeline = _pipeline_factory(aws, make_settings, simulator, stream.arn)
+    sink = _HeldSink("a")
+    a = started(pipeline("a", sink))
+    wait_until(lambda: len(a._leased) == 2 and len(a.scheduler.active_shard_ids()) == 2, what="A reads both")
+
+    def keys_of(shard: str, n: int) -> list[str]:
+        return [f"k{i}" for i in range(400) if stream.shard_for({"pk": {"S": f"k{i}"}, "sk": {"S": "x"}}) == shard][:n]
+
+    sink.armed, sink.slow, sink.hold_flush = True, target, True
+    stream.put_item({"pk": {"S": keys_of(other, 1)[0]}, "sk": {"S": "x"}})
+    wait_until(lambda: a.stats.records_read == 1, what="A read the other shard's change")
+    time.sleep(0.5)  # its batch closes and is submitted (held at the gate)
+    for key in keys_of(target, 3):
+        stream.put_item({"pk": {"S": key}, "sk": {"S": "x"}})
+    wait_until(lambda: a.stats.records_read == 4, what="A read the target's changes")
+    time.sleep(0.5)  # their batch closes and is submitted behind the first
+    second = MemorySink("b")
+    started(pipeline("b", second))
+    wait_until(lambda: target in a._shedding, timeout=15, what="A gives the target up")
+    sink.gate.set()  # the other shard's batch completes and is committed, the target's 1 s later
+    time.sleep(2 * LEASE["failover_seconds"])
+    sink.hold_flush = False
+    wait_until(lambda: len({r.event_id for r in sink.records + second.records}) == 4, what="every change")
+    time.sleep(1.0)
+    twice = {r.event_id for r in sink.records} & {r.event_id for r in second.records}
+    assert twice == set(), (
+        f"{len(twice)} change(s) delivered by both workers in a graceful handoff",
+        dict(a.stats.lease_events),
+        a.stats.committed.get(target),
+    )
+
+
+# A heartbeat still under way (a slow answer) at the stop must not land after the stop deleted the worker's row:
+# peers would count a departed worker as live for the failover time and keep to half the shards.
+def test_a_heartbeat_under_way_at_the_stop_leaves_no_worker_row(
+    aws: EmbeddedAws, make_settings: Callable[..., Settings], started: Callable[[Pipeline], Pipeline]
+) -> None:
+    simulator = StreamSimulator(rollover_seconds=None)
+    stream = simulator.create_stream("orders", shards=2)
+    pipeline = _pipeline_factory(aws, make_settings, simulator, stream.arn)
+    a = pipeline("a", MemorySink("a"))
+    a.start()
+    b = started(pipeline("b", MemorySink("b"), failover_seconds=8.0))
+    wait_until(lambda: len(a._leased) == 1 and len(b._leased) == 1, timeout=30, what="one shard each")
+    assert a.store is not None and b.store is not None
+    real = a.store.heartbeat
+    slow = threading.Event()
+    beating = threading.Event()
+
+    def throttled(*args: Any, **kwargs: Any) -> None:
+        if slow.is_set():
+            beating.set()
+            time.sleep(6.0)  # a throttled heartbeat write, retried
+        real(*args, **kwargs)
+
+    a.store.heartbeat = throttled  # type: ignore[method-assign]
+    slow.set()
+    wait_until(beating.is_set, what="A's heartbeat under way")
+    a.stop(timeout=5)
+    time.sleep(1.5)  # the beat lands
+    workers, _ = b.store.coordination()
+    assert "a" not in workers, "A's heartbeat row is back after A left"
+
+
+class _SlowGet(dict):  # type: ignore[type-arg]
+    """A dict whose get() gives the GIL away: the switch between _lose's check and its `del`."""
+
+    def get(self, *args: Any) -> Any:
+        value = super().get(*args)
+        time.sleep(0.05)
+        return value
+
+
+# The delivery thread (a refused save) and the lease thread (a pass) losing the same lease at once: one of them
+# drops it, neither raises (in the delivery thread an error would stop the pipeline).
+def test_two_threads_losing_the_same_lease_at_once_do_not_raise(make_settings: Callable[..., Settings]) -> None:
+    pipeline = Pipeline(make_settings(lease={"worker_id": "a"}), sinks=[MemorySink()])
+    pipeline._leased = _SlowGet({"s1": 4})
+    errors: list[BaseException] = []
+
+    def lose() -> None:
+        try:
+            pipeline._lose("s1", "refused", 4)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=lose) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [], errors

@@ -525,30 +525,38 @@ class CheckpointStore:
             with self._lock:
                 self._held.pop(row.shard_id, None)  # from here on no checkpoint of ours may be written
             try:
-                answer = self._retry.call(
-                    f"UpdateItem (release lease of {row.shard_id})",
-                    self._ddb.update_item,
-                    TableName=self._table,
-                    Key=self._key(row.shard_id),
-                    UpdateExpression="REMOVE #o SET lease_epoch = :next",
-                    ConditionExpression="#o = :me AND lease_epoch = :epoch",
-                    ExpressionAttributeNames={"#o": "owner"},
-                    ExpressionAttributeValues={
-                        ":me": {"S": self._worker},
-                        ":epoch": {"N": str(row.lease_epoch)},
-                        ":next": {"N": str(row.lease_epoch + 1)},
-                    },
-                    ReturnValues="ALL_NEW",
-                )
-            except ClientError as exc:
-                if error_code(exc) != "ConditionalCheckFailedException":
-                    raise
-                self.refresh(row.shard_id)
-                return
-            with self._lock:
-                self._known[row.shard_id] = _from_item(answer["Attributes"])
+                self._give_up(row)
+            except Exception:
+                with self._lock:
+                    self._held[row.shard_id] = row.lease_epoch  # not released: still ours
+                raise
 
         self._each(give_up, rows)
+
+    def _give_up(self, row: Checkpoint) -> None:
+        try:
+            answer = self._retry.call(
+                f"UpdateItem (release lease of {row.shard_id})",
+                self._ddb.update_item,
+                TableName=self._table,
+                Key=self._key(row.shard_id),
+                UpdateExpression="REMOVE #o SET lease_epoch = :next",
+                ConditionExpression="#o = :me AND lease_epoch = :epoch",
+                ExpressionAttributeNames={"#o": "owner"},
+                ExpressionAttributeValues={
+                    ":me": {"S": self._worker},
+                    ":epoch": {"N": str(row.lease_epoch)},
+                    ":next": {"N": str(row.lease_epoch + 1)},
+                },
+                ReturnValues="ALL_NEW",
+            )
+        except ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
+            self.refresh(row.shard_id)  # already given up (an answer lost), or taken: either way not ours
+            return
+        with self._lock:
+            self._known[row.shard_id] = _from_item(answer["Attributes"])
 
     def finish_unread(self, row: Checkpoint) -> bool:
         """Mark a shard that aged out of the stream unread as finished, if its row is still as it was read (held
@@ -593,7 +601,9 @@ class CheckpointStore:
         }
         if identity is not None:
             item["identity"] = {"S": identity}
-        self._retry.call("PutItem (heartbeat)", self._ddb.put_item, TableName=self._table, Item=item)
+        # One attempt: a heartbeat that fails is simply the next one's to write, and a retried one could land after
+        # the stop deleted the row (a ghost worker peers would count as live for the failover time).
+        self._ddb.put_item(TableName=self._table, Item=item)
 
     def leave(self) -> None:
         """Delete this worker's heartbeat: peers count it out at once."""
