@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,8 +18,12 @@ import pytest
 import s3fs
 
 from pipeline.delivery.dead_letter import JsonlDeadLetters
+from pipeline.records import Batch
+from pipeline.runner import Pipeline
 from pipeline.settings import Settings, load_settings
 from pipeline.testing.emulator import EmbeddedAws, create_stream_table
+from sinks.base import RetryableSinkError, WriteResult
+from sinks.memory import MemorySink
 
 # A region, as a configured AWS CLI gives one, so that configs which leave source.region unset load here as they
 # would on an operator's machine (subprocesses inherit it). Tests of region resolution set their own environment.
@@ -186,3 +191,31 @@ def replica(dynamodb: Any) -> str:
         AttributeDefinitions=[{"AttributeName": a, "AttributeType": "S"} for a in ("pk", "sk")],
     )
     return name
+
+
+class GateSink(MemorySink):
+    """Down (every write retryable) until `up` is set."""
+
+    def __init__(self, name: str = "gate") -> None:
+        super().__init__(name)
+        self.up = threading.Event()
+
+    def write(self, batch: Batch) -> WriteResult:
+        if not self.up.is_set():
+            raise RetryableSinkError("destination down")
+        return super().write(batch)
+
+
+@pytest.fixture
+def started(aws: EmbeddedAws) -> Iterator[Callable[[Pipeline], Pipeline]]:
+    """Start pipelines built in the test; every one is stopped at the end."""
+    running: list[Pipeline] = []
+
+    def start(pipeline: Pipeline) -> Pipeline:
+        pipeline.start()
+        running.append(pipeline)
+        return pipeline
+
+    yield start
+    for pipeline in running:
+        pipeline.stop(timeout=5)

@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 from pipeline.aws import AwsClients
-from pipeline.records import Batch
 from pipeline.runner import Pipeline
 from pipeline.settings import Settings
 from pipeline.testing.emulator import EmbeddedAws
 from pipeline.testing.simulated_stream import StreamSimulator
-from sinks.base import RetryableSinkError, WriteResult
 from sinks.memory import MemorySink
-from tests.conftest import wait_until
+from tests.conftest import GateSink, wait_until
 from tests.test_workers import worker_of
 
 LEASE = {
@@ -26,33 +22,6 @@ LEASE = {
     "heartbeat_seconds": 0.2,
     "pass_interval_seconds": 0.5,
 }  # 3 s: room for a loaded machine
-
-
-class GateSink(MemorySink):
-    """Down (retryable) until `up` is set."""
-
-    def __init__(self, name: str = "gate") -> None:
-        super().__init__(name)
-        self.up = threading.Event()
-
-    def write(self, batch: Batch) -> WriteResult:
-        if not self.up.is_set():
-            raise RetryableSinkError("destination down")
-        return super().write(batch)
-
-
-@pytest.fixture
-def started(aws: EmbeddedAws) -> Iterator[Callable[[Pipeline], Pipeline]]:
-    running: list[Pipeline] = []
-
-    def start(pipeline: Pipeline) -> Pipeline:
-        pipeline.start()
-        running.append(pipeline)
-        return pipeline
-
-    yield start
-    for pipeline in running:
-        pipeline.stop(timeout=5)
 
 
 def _pipeline_factory(

@@ -2,55 +2,17 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-import pytest
-
-from pipeline.aws import AwsClients
-from pipeline.records import Batch
 from pipeline.runner import Pipeline
 from pipeline.settings import Settings
 from pipeline.testing.emulator import EmbeddedAws
 from pipeline.testing.simulated_stream import StreamSimulator
-from sinks.base import RetryableSinkError, WriteResult
 from sinks.memory import MemorySink
-from tests.conftest import wait_until
+from tests.conftest import GateSink, wait_until
+from tests.test_lease_faults import LEASE, _pipeline_factory
 from tests.test_workers import worker_of
-
-LEASE = {
-    "failover_seconds": 3.0,
-    "heartbeat_seconds": 0.2,
-    "pass_interval_seconds": 0.5,
-}  # 3 s: room for a loaded machine
-
-
-class GateSink(MemorySink):
-    """Down (retryable) until `up` is set."""
-
-    def __init__(self) -> None:
-        super().__init__("gate")
-        self.up = threading.Event()
-
-    def write(self, batch: Batch) -> WriteResult:
-        if not self.up.is_set():
-            raise RetryableSinkError("destination down")
-        return super().write(batch)
-
-
-@pytest.fixture
-def started(aws: EmbeddedAws) -> Iterator[Callable[[Pipeline], Pipeline]]:
-    running: list[Pipeline] = []
-
-    def start(pipeline: Pipeline) -> Pipeline:
-        pipeline.start()
-        running.append(pipeline)
-        return pipeline
-
-    yield start
-    for pipeline in running:
-        pipeline.stop(timeout=5)
 
 
 def test_a_child_is_read_by_no_worker_before_its_parent_held_by_another_is_finished(
@@ -60,15 +22,7 @@ def test_a_child_is_read_by_no_worker_before_its_parent_held_by_another_is_finis
     stream = simulator.create_stream("orders", shards=1, key_schema=[("pk", "HASH"), ("sk", "RANGE")])
     (parent,) = stream.open_shard_ids()
     stream.put_item({"pk": {"S": "k"}, "sk": {"S": "a"}, "version": {"N": "1"}})
-
-    def pipeline(worker: str, sink: MemorySink) -> Pipeline:
-        settings = make_settings(
-            source={"table_name": None, "stream_arn": stream.arn}, lease={"worker_id": worker, **LEASE}
-        )
-        clients = AwsClients(aws.region, aws.endpoint_url, agent=f"worker/{worker}")
-        simulator.attach(clients.client("dynamodbstreams"))
-        return Pipeline(settings, sinks=[sink], clients=clients)
-
+    pipeline = _pipeline_factory(aws, make_settings, simulator, stream.arn)
     held_back = GateSink()
     a = started(pipeline("a", held_back))
     wait_until(lambda: parent in a.scheduler.active_shard_ids(), what="A reading the parent")

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,32 +17,17 @@ import pytest
 
 from pipeline.aws import AwsClients
 from pipeline.ops.demo import _item
-from pipeline.records import Batch
 from pipeline.runner import Pipeline
 from pipeline.settings import Settings
 from pipeline.testing.emulator import EmbeddedAws
 from pipeline.testing.simulated_stream import ManualClock, StreamSimulator
 from pipeline.testing.simulated_stream_server import SimulatedStreamsServer
-from sinks.base import RetryableSinkError, WriteResult
 from sinks.memory import MemorySink
-from tests.conftest import read_archive, stream_records, unique, wait_until
+from tests.conftest import GateSink, read_archive, stream_records, unique, wait_until
 from tests.fault_proxy import Fault, FaultProxy, amz_target
 
 STALL = {"stall_seconds": 1.0}
 QUICK_RETRY = {"max_attempts": 3, "initial_delay_seconds": 0.01, "max_delay_seconds": 0.05}
-
-
-class GateSink(MemorySink):
-    """Down (every write retryable) until `up` is set."""
-
-    def __init__(self) -> None:
-        super().__init__("gate")
-        self.up = threading.Event()
-
-    def write(self, batch: Batch) -> WriteResult:
-        if not self.up.is_set():
-            raise RetryableSinkError("destination down")
-        return super().write(batch)
 
 
 def item(key: str, version: int) -> dict[str, Any]:
