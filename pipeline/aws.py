@@ -8,9 +8,11 @@ the profile, as `resolve_region` says.
 
 from __future__ import annotations
 
+import email.utils
 import os
 import re
 import threading
+import time
 from typing import Any
 
 import boto3
@@ -105,13 +107,37 @@ class AwsClients:
         )
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, str, str | None], Any] = {}
+        self.stream_service_time: float | None = None
+        """The DynamoDB Streams service's clock (the Date of its latest answer), and the host's monotonic clock
+        when it was read: how old a record is, measured as the service that will trim it measures."""
+        self._stream_time_read_at = 0.0
 
     def client(self, service: str, region: str | None = None, endpoint_url: str | None = None) -> Any:
         key = (service, region or self.region, endpoint_url or self.endpoint_url)
         with self._lock:
             if key not in self._cache:
                 client = self._session.client(service, region_name=key[1], endpoint_url=key[2], config=self._config)
-                if service == "dynamodbstreams" and self.fast_get_records:
-                    install_fast_get_records(client)
+                if service == "dynamodbstreams":
+                    client.meta.events.register("after-call.dynamodb-streams", self._note_service_time)
+                    if self.fast_get_records:
+                        install_fast_get_records(client)
                 self._cache[key] = client
             return self._cache[key]
+
+    def _note_service_time(self, parsed: Any = None, **_kwargs: Any) -> None:
+        date = (parsed or {}).get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        if not date:
+            return
+        try:
+            when = email.utils.parsedate_to_datetime(date).timestamp()
+        except (TypeError, ValueError):
+            return
+        self.stream_service_time = when
+        self._stream_time_read_at = time.monotonic()
+
+    def stream_now(self) -> float:
+        """Now on the stream service's clock: its latest Date moved on by the host's time since (whole seconds:
+        the Date header has no more); the host's clock before any answer."""
+        if self.stream_service_time is None:
+            return time.time()
+        return self.stream_service_time + (time.monotonic() - self._stream_time_read_at)

@@ -170,7 +170,14 @@ class LambdaPipeline:
             else [build_sink(s, region=self.clients.region, endpoint_url=source.endpoint_url) for s in settings.sinks]
         )
         # Sinks passed in directly are not built from settings.sinks, so their entries' filters do not apply.
-        self._feeds = None if sinks is not None else [SinkFeed.of(s) for s in settings.sinks]
+        self._feeds = (
+            None
+            if sinks is not None
+            else [
+                SinkFeed.of(s, snapshots_by_default=sink.takes_snapshots)
+                for s, sink in zip(settings.sinks, self.sinks, strict=True)
+            ]
+        )
         self._concurrency = None if sinks is not None else [s.max_concurrency for s in settings.sinks]
         self._deadline = _Deadline()
         self.retry = RetryPolicy(settings.retry, sleep=self._deadline.sleep)

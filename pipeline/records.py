@@ -27,7 +27,8 @@ from typing import Any, Literal
 
 import orjson
 
-EventName = Literal["INSERT", "MODIFY", "REMOVE"]
+EventName = Literal["INSERT", "MODIFY", "REMOVE", "SNAPSHOT"]
+"""SNAPSHOT: an item as an initial load read it from the table (`snapshot_record`), not a change."""
 Image = Mapping[str, Any]
 
 TTL_PRINCIPAL = "dynamodb.amazonaws.com"
@@ -69,11 +70,17 @@ class ChangeRecord:
     stream_arn: str | None = None
     """The stream the record was read from (GetRecords does not repeat it in each record); Lambda's
     `eventSourceARN`. None for a record built without one (a test's, a user's)."""
+    load_id: str | None = None
+    """For a SNAPSHOT record: the initial load that read it. None for every change read from the stream."""
 
     @property
     def sequence(self) -> int:
         """Sequence numbers are decimal strings of varying length: compare them as integers."""
         return int(self.sequence_number)
+
+    @property
+    def is_snapshot(self) -> bool:
+        return self.load_id is not None
 
     @property
     def item_key(self) -> frozenset[tuple[str, Any]]:
@@ -561,3 +568,63 @@ def to_json_bytes(value: Any) -> bytes:
         if isinstance(error.__cause__, UnmarshalError):
             raise error.__cause__ from None
         raise
+
+
+SNAPSHOT_SEQUENCE_DIGITS = (7, 10, 7)
+"""Segment, page and index digits of a snapshot record's sequence number: unique within its load, in reading order."""
+
+
+def snapshot_record(
+    item: Mapping[str, Any],
+    *,
+    key_names: tuple[str, ...],
+    load_id: str,
+    table: str,
+    segment: int,
+    page: int,
+    index: int,
+    read_at: float,
+    size_bytes: int,
+    stream_arn: str | None = None,
+    region: str | None = None,
+) -> ChangeRecord:
+    """An item an initial load read, as a record every sink takes: shaped like a stream record with event name
+    SNAPSHOT, the whole item as NewImage, and a sequence number that names its place in the load (not a stream
+    sequence number: it compares with none; sinks that order by sequence treat SNAPSHOT records apart)."""
+    seg_digits, page_digits, index_digits = SNAPSHOT_SEQUENCE_DIGITS
+    sequence = f"{segment:0{seg_digits}d}{page:0{page_digits}d}{index:0{index_digits}d}"
+    event_id = f"{load_id}-{sequence}"
+    keys = {name: item[name] for name in key_names if name in item}
+    ddb: dict[str, Any] = {
+        "ApproximateCreationDateTime": read_at,
+        "Keys": keys,
+        "NewImage": item,
+        "SequenceNumber": sequence,
+        "SizeBytes": size_bytes,
+        "StreamViewType": "NEW_IMAGE",
+    }
+    raw: dict[str, Any] = {
+        "eventID": event_id,
+        "eventName": "SNAPSHOT",
+        "eventVersion": "1.1",
+        "eventSource": "aws:dynamodb",
+        "dynamodb": ddb,
+    }
+    if region is not None:
+        raw["awsRegion"] = region
+    return ChangeRecord(
+        event_id=event_id,
+        event_name="SNAPSHOT",
+        table=table,
+        shard_id=f"segment-{segment:05d}",
+        sequence_number=sequence,
+        approximate_creation_time=datetime.fromtimestamp(read_at, UTC),
+        keys=unmarshal_image(keys),
+        new_image=LazyImage(item, event_id, "NewImage"),
+        old_image=None,
+        size_bytes=size_bytes,
+        user_identity=None,
+        raw=raw,
+        stream_arn=stream_arn,
+        load_id=load_id,
+    )

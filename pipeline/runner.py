@@ -21,17 +21,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.aws import AwsClients
-from pipeline.delivery.batcher import BatchAssembler, BoundedQueue, ClosedBatch, QueueClosedError
+from pipeline.delivery.batcher import BatchAssembler, BoundedQueue, ClosedBatch, QueueClosedError, page_records
 from pipeline.delivery.dead_letter import build_dead_letters
 from pipeline.delivery.driver import Delivery, Ticket
 from pipeline.delivery.feed import SinkFeed
 from pipeline.delivery.filters import compile_filter
+from pipeline.initial_load import InitialLoadRun
 from pipeline.ops.metrics import MetricsServer, PipelineMetrics
 from pipeline.ops.view import PipelineStats
 from pipeline.retry import RetryPolicy, ShutdownInterruptedError
 from pipeline.settings import Settings, resolve_locations
 from pipeline.source.reader import ShardPage, ShardReader, StartPosition, TrimmedDataError
 from pipeline.source.scheduler import PollScheduler, ShardProgress
+from pipeline.source.snapshot import SnapshotPage
 from pipeline.source.stream import (
     ShardInfo,
     ShardLineage,
@@ -40,8 +42,10 @@ from pipeline.source.stream import (
     resolve_stream_arn,
     table_name_of,
 )
+from pipeline.source.table_loader import LOAD_QUEUE_SHARE
 from pipeline.state.checkpoint import Checkpoint, CheckpointStore, StoredState, StreamStart
 from pipeline.state.leases import LeaseCoordinator, default_worker_id, local_identity
+from pipeline.state.load_progress import LoadStore
 from sinks.base import Sink, SinkError
 from sinks.registry import build_sink
 
@@ -103,7 +107,12 @@ class Pipeline:
             dead_letters=self.dead_letters,
             on_failure=settings.dead_letter.on_failure,
             # Sinks passed in directly are not built from settings.sinks, so their entries' filters do not apply.
-            feeds=None if sinks is not None else [SinkFeed.of(s) for s in settings.sinks],
+            feeds=None
+            if sinks is not None
+            else [
+                SinkFeed.of(s, snapshots_by_default=sink.takes_snapshots)
+                for s, sink in zip(settings.sinks, self.sinks, strict=True)
+            ],
             concurrency=None if sinks is not None else [s.max_concurrency for s in settings.sinks],
             max_records_in_flight=settings.delivery.max_records_in_flight,
             max_bytes_in_flight=settings.delivery.max_bytes_in_flight,
@@ -157,6 +166,8 @@ class Pipeline:
         self.heartbeat_failing_since: float | None = None
         self._lease_wake = threading.Event()
         self._pass_now = threading.Event()
+        self.initial_load: InitialLoadRun | None = None
+        """The copy of the table's existing items (`source.initial_load`), or None."""
         self._schedule_lock = threading.RLock()
         """Held while readers are scheduled or dropped, and while `_leased` / `_shedding` are checked and changed
         (the lease, heartbeat, delivery and discovery threads all touch them)."""
@@ -203,6 +214,7 @@ class Pipeline:
         self._heartbeat_thread.start()  # before the first pass, which may take a thousand leases
         store.announce()  # peers above their share give some up now, not at their next pass
         self._lease_pass()
+        self._begin_initial_load(store)
         log.info(
             "stream %s: %d shard(s), %d checkpoint(s), started %s, worker %s holds %d lease(s) of %d live "
             "worker(s), sinks: %s",
@@ -223,6 +235,38 @@ class Pipeline:
         self._discovery_thread.start()
         self._lease_thread = threading.Thread(target=self._lease_loop, name="leases", daemon=True)
         self._lease_thread.start()
+
+    def _begin_initial_load(self, store: CheckpointStore) -> None:
+        """After the stream is registered (every shard's position fixed) and before anything is delivered."""
+        if self.settings.source.initial_load == "none":
+            return
+        assert self._assembler is not None and self.stream_start is not None
+        since = None if self.stream_start.since is None else float(self.stream_start.since)
+        self.initial_load = InitialLoadRun(
+            self.settings,
+            clients=self.clients,
+            sinks=self.sinks,
+            store=LoadStore(
+                self.clients.client("dynamodb"),
+                table_name=store.table_name,
+                partition=store.partition,
+                retry=self.retry,
+                worker=self.worker_id,
+            ),
+            retry=self.retry,
+            source_retry=self.source_retry,
+            leases=self.leases,
+            table_name=table_name_of(self.stream_arn),
+            table_arn=self.stream_arn.split("/stream/", 1)[0],
+            since=since,
+            put=self._enqueue_snapshot,
+            fail=self._fail,
+            stopping=self._stopping,
+            sleep=self._sleep_unless_stopping,
+        )
+        self.initial_load.begin()
+        assert self.initial_load.load_id is not None
+        self._assembler.expect_load(self.initial_load.load_id, self.initial_load.key_names, self.clients.region)
 
     def _check_stream_in_use(self, store: CheckpointStore) -> None:
         """Reading by table name, the stream must be the one this consumer read before; an explicit stream ARN
@@ -356,7 +400,13 @@ class Pipeline:
         if self._stopping.is_set() and self._beat:
             return False  # the stop deletes the heartbeat row: none may be written after it
         self._beat += 1
-        self.store.heartbeat(self._beat, len(self._leased), self.leases.identity, shedding=len(self._shedding))
+        self.store.heartbeat(
+            self._beat,
+            len(self._leased),
+            self.leases.identity,
+            shedding=len(self._shedding),
+            load_ended=None if self.initial_load is None else self.initial_load.ended,
+        )
         read_at = time.monotonic()
         workers, changes = self.store.coordination()
         changed = self.leases.observe(workers, at=read_at)
@@ -517,6 +567,8 @@ class Pipeline:
                     self._pass_now.clear()
                     next_pass = time.monotonic() + lease.pass_interval
                     self._lease_pass()
+                    if self.initial_load is not None:
+                        self.initial_load.load_pass()
                 self._release_drained()
                 self.lease_failing_since = None
             except ShutdownInterruptedError:
@@ -630,6 +682,9 @@ class Pipeline:
     def _enqueue(self, page: ShardPage) -> None:
         self.queue.put(page)
 
+    def _enqueue_snapshot(self, page: SnapshotPage) -> None:
+        self.queue.put(page, share=LOAD_QUEUE_SHARE)  # the stream's pages always find room
+
     def _on_shard_error(self, reader: ShardReader, error: BaseException) -> float | None:
         if isinstance(error, QueueClosedError | ShutdownInterruptedError):
             self._reading.discard(reader.shard_id)
@@ -678,6 +733,30 @@ class Pipeline:
             except Exception as exc:
                 log.error("updating shard state failed, trying again in %.0fs: %s", interval, exc)
             self._note_what_is_read()
+            self._watch_retention()
+
+    def _watch_retention(self) -> None:
+        """While a load runs, shards whose undelivered changes approach the stream's retention."""
+        if self.initial_load is None or not self.initial_load.active or self.store is None:
+            return
+        undelivered: dict[str, float] = {}
+        for shard_id in list(self._leased):
+            progress = self.scheduler.progress.get(shard_id)
+            if progress is None:
+                continue
+            row = self.store.checkpoint(shard_id)
+            delivered = None
+            if row is not None and row.last_record_at is not None:
+                delivered = datetime.fromisoformat(row.last_record_at).timestamp()
+            if progress.unacked_since is not None:
+                created = progress.oldest_unacked_created or delivered
+            elif progress.held_since is not None:
+                created = delivered  # waiting at the full queue: what it has not read is newer than this
+            else:
+                continue
+            if created is not None:
+                undelivered[shard_id] = created
+        self.initial_load.watch_retention(undelivered)
 
     def _unowned_readable(self) -> bool:
         assert self.store is not None
@@ -740,7 +819,7 @@ class Pipeline:
                 page = self.queue.get(wait)
                 closed: list[ClosedBatch] = []
                 if page is not None:
-                    self.stats.records_read += len(page.records)
+                    self.stats.records_read += page_records(page)
                     closed.extend(self._assembler.add(page))
                 drained = page is None and self._draining.is_set()
                 if self._assembler.due() or drained:
@@ -756,6 +835,8 @@ class Pipeline:
                         if self._hard_stop.is_set():
                             return
                         self._take_done(progress, drained)
+                    if self.initial_load is not None:
+                        self.initial_load.batches_submitted += 1
                 self._take_done(progress, drained)
                 if drained and self.queue.depth[0] == 0 and self.delivery.in_flight == 0:
                     if progress.any:
@@ -773,6 +854,8 @@ class Pipeline:
             self.metrics.observe_batch(ticket.batch, ticket.seconds)
             self.stats.events.update(r.event_name for r in item.batch.records)
             progress.add(item, ticket)
+            if self.initial_load is not None:
+                self.initial_load.batches_done += 1
             self.stats.buffered += len(ticket.batch)
             if self._commit_due(progress, drained):
                 self._commit(progress)
@@ -794,6 +877,8 @@ class Pipeline:
         if not self._shedding:
             self._commit_soon.clear()  # while shards drain, every commit is made at once
         refused = self.store.save(progress.positions, progress.finished, progress.record_times)
+        if self.initial_load is not None and self.initial_load.commit(progress.load_pages):
+            self._request_pass()  # the load finished: its clean-up is the lease thread's
         for shard_id, epoch in refused.items():
             self._lose(shard_id, "the checkpoint write was refused: another worker holds it", epoch)
         positions = {s: p for s, p in progress.positions.items() if s not in refused}
@@ -811,6 +896,11 @@ class Pipeline:
             read = progress_of.last_sequence_read
             # Everything read is checkpointed, or progress was made and what is left was read after this moment.
             progress_of.unacked_since = None if read is None or int(sequence) >= int(read) else now
+            created = progress.record_times.get(shard_id)
+            # What is left was made after the last record delivered: a bound of its age for the retention watch.
+            progress_of.oldest_unacked_created = (
+                None if progress_of.unacked_since is None or created is None else created.timestamp()
+            )
         if finished:
             with self._schedule_lock:
                 for shard_id in finished:
@@ -859,6 +949,8 @@ class Pipeline:
         deadline = time.monotonic() + timeout
         self.request_stop()
         self.scheduler.stop(timeout=max(0.0, deadline - time.monotonic()))
+        if self.initial_load is not None:
+            self.initial_load.stop(timeout=max(0.0, min(5.0, deadline - time.monotonic())))
         self._draining.set()
         clean = True
         if self._delivery_thread is not None:
@@ -879,6 +971,8 @@ class Pipeline:
         self.delivery.stop()
         delivering = delivering or self.delivery.busy
         if self.store is not None and not delivering:
+            if self.initial_load is not None:
+                self.initial_load.release()
             self._release_all()  # nothing of ours is written any more: peers may take over at once
         for sink in self.sinks if not delivering else ():  # never closed while a lane may still write to it
             try:
@@ -918,6 +1012,8 @@ class _Uncommitted:
     positions: dict[str, str] = field(default_factory=dict)
     finished: set[str] = field(default_factory=set)
     record_times: dict[str, datetime] = field(default_factory=dict)
+    load_pages: dict[int, tuple[str | None, int, int]] = field(default_factory=dict)
+    """Initial-load segment -> (resume token, next page, items of its pages done since the last commit)."""
     records: int = 0
     """Records read in these batches, the pipeline filter's leftovers included."""
     delivered: int = 0
@@ -926,18 +1022,23 @@ class _Uncommitted:
 
     @property
     def any(self) -> bool:
-        return bool(self.positions or self.finished)
+        return bool(self.positions or self.finished or self.load_pages)
 
     def add(self, item: ClosedBatch, ticket: Ticket) -> None:
         self.positions.update(item.positions)
-        self.record_times.update((r.shard_id, r.approximate_creation_time) for r in item.batch.records)
+        self.record_times.update(
+            (r.shard_id, r.approximate_creation_time) for r in item.batch.records if r.load_id is None
+        )
+        for segment, (resume, next_page, items) in item.load_pages.items():
+            earlier = self.load_pages.get(segment)
+            self.load_pages[segment] = (resume, next_page, items + (earlier[2] if earlier is not None else 0))
         self.finished |= item.finished_shards
         self.records += len(item.batch)
         self.delivered += len(ticket.batch)
         self.by_sink.update(ticket.taken)
 
     def clear(self) -> None:
-        self.positions, self.finished, self.record_times = {}, set(), {}
+        self.positions, self.finished, self.record_times, self.load_pages = {}, set(), {}, {}
         self.records, self.delivered, self.by_sink = 0, 0, collections.Counter()
 
 

@@ -58,6 +58,13 @@ class SourceSettings(BaseModel):
         "on from the oldest record still kept. Never skipped silently.",
     )
 
+    initial_load: Literal["none", "scan", "export"] = Field(
+        default="none",
+        description="Copy the table's existing items before and while the stream is read: 'scan' (a parallel "
+        "Scan, consumes read capacity), 'export' (a point-in-time export to S3, needs PITR, consumes none), "
+        "'none' only changes. Tuned in [initial_load]; see the README's 'Loading existing data'.",
+    )
+
     @model_validator(mode="after")
     def _one_stream(self) -> SourceSettings:
         if (self.table_name is None) == (self.stream_arn is None):
@@ -80,6 +87,71 @@ class SourceSettings(BaseModel):
         if self.stream_arn is not None and not is_stream_arn(self.stream_arn):
             raise ValueError(f"source.stream_arn must look like {STREAM_ARN_FORM}")
         return self
+
+
+class InitialLoadSettings(BaseModel):
+    """`[initial_load]`: how `source.initial_load` copies the table (each key applies to the mode it names)."""
+
+    model_config = _FROZEN
+
+    segments: int = Field(
+        default=4,
+        ge=1,
+        le=1000,
+        description="Parts of the table copied side by side: Scan's TotalSegments, or readers of an export's "
+        "data files. Fixed at the load's first start (a resumed load keeps its own).",
+    )
+    read_units_per_second: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="scan: read capacity units per second the copy may consume, all segments together, so the "
+        "table's own readers are not starved (ConsumedCapacity of every page counts). Unset: as fast as the "
+        "table answers.",
+    )
+    consistent_read: bool = Field(
+        default=False,
+        description="scan: strongly consistent reads (twice the read units). Not needed for a correct result: "
+        "any change an eventually consistent read missed is in the stream, which wins over the copy.",
+    )
+    page_items: int | None = Field(
+        default=None,
+        ge=1,
+        description="scan: Scan's Limit (items per page); unset: pages of up to 1 MB, as DynamoDB returns them.",
+    )
+    export_bucket: str | None = Field(
+        default=None,
+        min_length=3,
+        description="export: the S3 bucket the export is written to (needed unless export_arn is set).",
+    )
+    export_prefix: str = Field(default="streamsink-exports/", description="export: key prefix of the export.")
+    export_arn: str | None = Field(
+        default=None,
+        description="export: load this completed (or running) export instead of starting one; its ExportTime "
+        "must not be earlier than the stream's first start, or changes in between would be lost (refused).",
+    )
+    export_poll_seconds: float = Field(
+        default=30.0, gt=0.0, description="export: how often DescribeExport is asked whether the export is done."
+    )
+    s3_region: str | None = Field(default=None, description="export: region of the bucket; unset: the source's.")
+    s3_endpoint_url: str | None = Field(default=None, description="export: S3 endpoint; unset: the source's.")
+    retention_seconds: float = Field(
+        default=24 * 3600.0,
+        gt=0.0,
+        description="The stream's retention (24 hours on DynamoDB): a load that would outlive what the stream "
+        "still holds of a position it needs is warned about, and the pipeline stops before the position is lost.",
+    )
+    warn_margin_seconds: float = Field(
+        default=4 * 3600.0,
+        ge=0.0,
+        description="Warn when the stream's oldest unread position would age out less than this after the load's "
+        "expected end.",
+    )
+    stop_margin_seconds: float = Field(
+        default=3600.0,
+        ge=0.0,
+        description="Stop the pipeline (an error naming the shard) when the stream's oldest unread position is "
+        "this close to ageing out: nothing is lost yet, and the operator decides.",
+    )
 
 
 class CheckpointSettings(BaseModel):
@@ -302,6 +374,7 @@ class Settings(BaseSettings):
     )
 
     source: SourceSettings
+    initial_load: InitialLoadSettings = InitialLoadSettings()
     checkpoint: CheckpointSettings = CheckpointSettings()
     lease: LeaseSettings = LeaseSettings()
     batch: BatchSettings = BatchSettings()
@@ -316,6 +389,16 @@ class Settings(BaseSettings):
         description="`[filter]`: records no sink gets; dropped records still advance the checkpoint.",
     )
     sinks: list[SinkConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _load_has_where(self) -> Settings:
+        load = self.initial_load
+        if self.source.initial_load == "export" and load.export_bucket is None and load.export_arn is None:
+            raise ValueError(
+                "initial_load.export_bucket: required with source.initial_load = 'export' (the S3 bucket DynamoDB "
+                "writes the export to), unless initial_load.export_arn names an export made already"
+            )
+        return self
 
     @model_validator(mode="after")
     def _sink_names_distinct(self) -> Settings:
@@ -400,9 +483,16 @@ def resolve_locations(settings: Settings) -> Settings:
         return {"region": own_region or region, "endpoint_url": own_endpoint or source.endpoint_url}
 
     dead_letter = settings.dead_letter
+    load = settings.initial_load
     return settings.model_copy(
         update={
             "source": source.model_copy(update={"region": region}),
+            "initial_load": load.model_copy(
+                update={
+                    "s3_region": load.s3_region or region,
+                    "s3_endpoint_url": load.s3_endpoint_url or source.endpoint_url,
+                }
+            ),
             "sinks": [sink.model_copy(update=located(sink.region, sink.endpoint_url)) for sink in settings.sinks],
             "dead_letter": dead_letter.model_copy(update=located(dead_letter.region, dead_letter.endpoint_url)),
         }

@@ -19,6 +19,11 @@ Who calls what, and when:
   everything taken so far durable (a sink that buffers guards its buffer with a lock). If it raises, the
   checkpoint is not written and the pipeline retries the flush.
 - `close()` once at shutdown, after the final flush.
+- With an initial load (`source.initial_load`): `begin_initial_load(load_id)` before the first write while the
+  load is under way, `end_initial_load(load_id)` once every SNAPSHOT record is durably taken, and
+  `clean_up_initial_load(load_id)` once no write from before that can still be in flight. SNAPSHOT records
+  (`event_name == "SNAPSHOT"`) are items as the load read them; a stream change of the same item always wins
+  over one, in whatever order the two arrive.
 
 Sinks know nothing of queues, batching, retries or checkpoints; the pipeline owns all of those. Constructors do
 no I/O, so building a sink from a config cannot fail on the network.
@@ -127,6 +132,23 @@ class Sink(ABC):
     """The most lanes this sink can take (the archive keeps one buffer in stream order: 1)."""
     call_size: int = 1
     """Records per call to the destination, so that "any" lanes get whole calls."""
+
+    takes_snapshots: bool = True
+    """Whether the sink gets an initial load's SNAPSHOT records unless its `initial_load` setting says otherwise
+    (queues and topics: no, their consumers usually want changes only)."""
+
+    def begin_initial_load(self, load_id: str) -> None:  # noqa: B027 - optional hook
+        """An initial load is under way: until `end_initial_load`, SNAPSHOT records of `load_id` may arrive after
+        stream changes of the same item made later (a replica keeps tombstones for deletes). No I/O."""
+
+    def end_initial_load(self, load_id: str) -> None:  # noqa: B027 - optional hook
+        """Every SNAPSHOT record of `load_id` has been taken and flushed: none arrives any more. No I/O."""
+
+    def clean_up_initial_load(self, load_id: str) -> int:
+        """Remove what the load needed only while it ran (a replica's tombstones); called once no write made
+        before `end_initial_load` can still be in flight, by any worker. Returns how many it removed. May do
+        I/O; raise `SinkError` (a retryable one is retried)."""
+        return 0
 
     def flush_due(self, now: float) -> bool:
         """True when the pipeline may flush and checkpoint now (`now` is `time.monotonic()`)."""

@@ -27,7 +27,23 @@ Deletes
     pipeline writes them again in order, so a REMOVE is never applied before the INSERT it
     follows. An older change fed to the sink on its own, outside stream order (the pipeline never does
     this), can bring back a deleted item until the REMOVE is applied again. Tombstones would close that gap,
-    but they would leave items in the replica that the source does not have, so they are not offered.
+    but they would leave items in the replica that the source does not have, so they are kept only while an
+    initial load runs (below): its copies are exactly such older writes outside stream order.
+
+Initial load
+    SNAPSHOT records (items an initial load read) must never overwrite a stream change, in whatever order the
+    two arrive, and never bring back an item the stream deleted after the load read it. While a load is under
+    way (`begin_initial_load`), every stream write also stores the load's id (`load_attribute`), and a REMOVE
+    leaves a tombstone (the key, the sequence, the load's id and `tombstone_attribute` = true) instead of
+    deleting. A snapshot write is conditional on the item holding no change of this load:
+    `attribute_not_exists(seq) OR attribute_not_exists(load) OR load <> :this load`, and stores the sequence
+    `000...0`, below every stream change. So a stream change made after the load read an item wins whether it
+    is applied before or after the snapshot write, a deleted item stays deleted, and an item a stream change
+    wrote before the load began (or an earlier load) is overwritten by the copy, which is newer. Once every
+    SNAPSHOT record is written and no write from the load's time can still be in flight, the pipeline calls
+    `clean_up_initial_load`: one Scan of this table for the load's tombstones, each deleted on condition that it
+    is still that tombstone. Until then readers of the table see tombstones as items holding only the key and
+    those three attributes.
 
 Writes
     BatchWriteItem cannot be conditional, so the choice was between one conditional PutItem/DeleteItem per
@@ -112,6 +128,12 @@ SEQUENCE_WIDTH = 40
 NEWER_WINS_CONDITION = "attribute_not_exists(#seq) OR #seq < :seq"
 """Write only if the item is absent, carries no sequence, or holds an older change."""
 
+SNAPSHOT_CONDITION = "attribute_not_exists(#seq) OR attribute_not_exists(#load) OR #load <> :load"
+"""A load's copy of an item is written only if the item holds no change (nor tombstone) made during this load."""
+
+SNAPSHOT_SEQUENCE = "0" * SEQUENCE_WIDTH
+"""The sequence stored with a copied item: below every stream change, so any change of the item wins."""
+
 ItemTransform = Callable[[ChangeRecord], Mapping[str, Any] | None]
 """A `transform`: the item to put for a change (plain Python values), or None to skip the change."""
 
@@ -167,6 +189,19 @@ class DynamoDbTableSinkSettings(SinkSettings):
         max_length=255,
         description="Attribute holding the change's sequence number, zero-padded to 40 digits, in every item.",
     )
+    load_attribute: str = Field(
+        default="_streamsink_load",
+        min_length=1,
+        max_length=255,
+        description="Attribute naming the initial load a write was made during (source.initial_load).",
+    )
+    tombstone_attribute: str = Field(
+        default="_streamsink_deleted",
+        min_length=1,
+        max_length=255,
+        description="Attribute marking a tombstone: an item deleted while an initial load ran, kept until the "
+        "load is done so that the load's copy of it cannot bring it back.",
+    )
     rename: dict[str, str] = Field(
         default_factory=dict,
         description="Attribute name in the source -> name in the target table. A key attribute may be renamed "
@@ -202,6 +237,8 @@ class DynamoDbTableSinkSettings(SinkSettings):
                 f"rename: {self.sequence_attribute!r} is the sequence_attribute; choose another "
                 "sequence_attribute or leave it out of rename"
             )
+        elif len({self.sequence_attribute, self.load_attribute, self.tombstone_attribute}) < 3:
+            problem = "sequence_attribute, load_attribute and tombstone_attribute must be three different names"
         else:
             return self
         raise PydanticCustomError("rename", "{reason}", {"reason": problem})
@@ -221,7 +258,7 @@ class _Write:
     """One conditional request: a put of `attributes` as the item, or a delete of `attributes` as the key."""
 
     record: ChangeRecord
-    kind: Literal["put", "delete"]
+    kind: Literal["put", "delete", "snapshot"]
     attributes: Mapping[str, Any]
     key: tuple[tuple[str, Any], ...]
     sequence: str
@@ -249,6 +286,8 @@ class DynamoDbTableSink(Sink):
         self._key_names: tuple[str, ...] = ()
         self._key_description = ""
         self._opened = False
+        self._loading: str | None = None
+        """The initial load under way: stream writes carry its id, and deletes leave tombstones."""
 
     @property
     def key_names(self) -> tuple[str, ...]:
@@ -287,6 +326,58 @@ class DynamoDbTableSink(Sink):
                 )
         self._opened = True
 
+    def begin_initial_load(self, load_id: str) -> None:
+        self._loading = load_id
+
+    def end_initial_load(self, load_id: str) -> None:
+        if self._loading == load_id:
+            self._loading = None
+
+    def clean_up_initial_load(self, load_id: str) -> int:
+        """Delete the load's tombstones: each only if it is still that tombstone (a later change replaced it)."""
+        if not self._opened:
+            raise RuntimeError(f"sink {self.name}: clean_up_initial_load() before open()")
+        settings = self._settings
+        names = {"#del": settings.tombstone_attribute, "#load": settings.load_attribute}
+        names.update({f"#k{i}": key for i, key in enumerate(self._key_names)})
+        names["#seq"] = settings.sequence_attribute
+        request: dict[str, Any] = {
+            "TableName": settings.table_name,
+            "FilterExpression": "#del = :true AND #load = :load",
+            "ProjectionExpression": ", ".join([*(f"#k{i}" for i in range(len(self._key_names))), "#seq"]),
+            "ExpressionAttributeNames": names,
+            "ExpressionAttributeValues": {":true": {"BOOL": True}, ":load": {"S": load_id}},
+        }
+        removed = 0
+        while True:
+            try:
+                page = self._client.scan(**request)
+            except (ClientError, BotoCoreError) as exc:
+                raise _classified(f"Scan of {settings.table_name!r} for tombstones", exc) or PermanentSinkError(
+                    f"Scan of {settings.table_name!r} for tombstones: {type(exc).__name__}"
+                ) from exc
+            for item in page.get("Items", []):
+                key = {name: item[name] for name in self._key_names}
+                try:
+                    self._client.delete_item(
+                        TableName=settings.table_name,
+                        Key=key,
+                        ConditionExpression="#del = :true AND #seq = :seq",
+                        ExpressionAttributeNames={
+                            "#del": settings.tombstone_attribute,
+                            "#seq": settings.sequence_attribute,
+                        },
+                        ExpressionAttributeValues={":true": {"BOOL": True}, ":seq": item[settings.sequence_attribute]},
+                    )
+                    removed += 1
+                except (ClientError, BotoCoreError) as exc:
+                    error = _classified(f"DeleteItem of a tombstone in {settings.table_name!r}", exc)
+                    if error is not None:
+                        raise error from exc
+            if "LastEvaluatedKey" not in page:
+                return removed
+            request["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
     def write(self, batch: Batch) -> WriteResult:
         """One key's changes one after another, in sequence order; the pipeline's lanes write other keys at once."""
         if not self._opened:
@@ -311,14 +402,15 @@ class DynamoDbTableSink(Sink):
             if write is not None:
                 by_key.setdefault(write.key, []).append(write)
         for writes in by_key.values():
-            failed.update(self._applied(sorted(writes, key=lambda w: w.record.sequence)))
+            # A load's copy first: stream changes win over it anyway, and its number is no stream sequence number.
+            failed.update(self._applied(sorted(writes, key=lambda w: (w.kind != "snapshot", w.record.sequence))))
         return WriteResult(failed=failed)
 
     # -- one record -> one request -----------------------------------------------------------------------
 
     def _planned(self, record: ChangeRecord) -> _Write | None:
         """The request for `record`, or None when the transform skips it. Raises PermanentSinkError."""
-        sequence = padded_sequence(record.sequence_number)
+        sequence = SNAPSHOT_SEQUENCE if record.load_id is not None else padded_sequence(record.sequence_number)
         ddb = record.raw["dynamodb"]
         removing = record.event_name == "REMOVE"
         if self._transform is not None:
@@ -336,12 +428,32 @@ class DynamoDbTableSink(Sink):
                 )
             image = _blobs_as_bytes(new_image)
         image = self._shaped(record, image)
+        settings = self._settings
         if removing:
             if not all(name in image for name in self._key_names):
                 image = self._shaped(record, _blobs_as_bytes(ddb.get("Keys", {})))
             key = self._key_of(record, image)
-            return _Write(record, "delete", key, _identity(record, key), sequence)
-        item = {**image, self._settings.sequence_attribute: {"S": sequence}}
+            loading = self._loading
+            if loading is None:
+                return _Write(record, "delete", key, _identity(record, key), sequence)
+            tombstone = {
+                **key,
+                settings.sequence_attribute: {"S": sequence},
+                settings.load_attribute: {"S": loading},
+                settings.tombstone_attribute: {"BOOL": True},
+            }
+            return _Write(record, "put", tombstone, _identity(record, key), sequence)
+        if record.load_id is not None:
+            item = {
+                **image,
+                settings.sequence_attribute: {"S": SNAPSHOT_SEQUENCE},
+                settings.load_attribute: {"S": record.load_id},
+            }
+            return _Write(record, "snapshot", item, _identity(record, self._key_of(record, item)), SNAPSHOT_SEQUENCE)
+        item = {**image, settings.sequence_attribute: {"S": sequence}}
+        loading = self._loading
+        if loading is not None:
+            item[settings.load_attribute] = {"S": loading}
         return _Write(record, "put", item, _identity(record, self._key_of(record, item)), sequence)
 
     def _transformed(self, record: ChangeRecord) -> dict[str, Any] | None:
@@ -421,9 +533,19 @@ class DynamoDbTableSink(Sink):
             "ExpressionAttributeNames": {"#seq": self._settings.sequence_attribute},
             "ExpressionAttributeValues": {":seq": {"S": write.sequence}},
         }
+        if write.kind == "snapshot":
+            assert write.record.load_id is not None
+            condition = {
+                "ConditionExpression": SNAPSHOT_CONDITION,
+                "ExpressionAttributeNames": {
+                    "#seq": self._settings.sequence_attribute,
+                    "#load": self._settings.load_attribute,
+                },
+                "ExpressionAttributeValues": {":load": {"S": write.record.load_id}},
+            }
         table = self._settings.table_name
         try:
-            if write.kind == "put":
+            if write.kind in ("put", "snapshot"):
                 self._client.put_item(TableName=table, Item=write.attributes, **condition)
             else:
                 self._client.delete_item(TableName=table, Key=write.attributes, **condition)

@@ -1,4 +1,5 @@
-"""Audit archive: every change as a row in zstd Parquet on S3, Hive-partitioned by event hour.
+"""Audit archive: every change as a row in zstd Parquet on S3, Hive-partitioned by event hour (an initial load's
+items apart, under `snapshot=<load id>/`).
 
 Rows are buffered like Firehose (by bytes and by age) so a quiet table does not become thousands of tiny
 objects; the pipeline checkpoints only after `flush()` has written them. Object names derive from the shard and
@@ -180,6 +181,10 @@ def _unnamable(records: Sequence[ChangeRecord]) -> dict[str, SinkError]:
 
 
 def partition_of(record: ChangeRecord) -> str:
+    """`dt=/hour=` of the change's creation; an initial load's items under `snapshot=<load id>`, with the same
+    columns, so "the table as the load read it, plus every change since" is one query (README)."""
+    if record.load_id is not None:
+        return f"snapshot={record.load_id}"
     t = record.approximate_creation_time
     return f"dt={t:%Y-%m-%d}/hour={t:%H}"
 

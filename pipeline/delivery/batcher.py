@@ -13,9 +13,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pipeline.records import Batch, ChangeRecord, change_record_from_stream
+from pipeline.records import Batch, ChangeRecord, change_record_from_stream, snapshot_record
 from pipeline.settings import BatchSettings
 from pipeline.source.reader import ShardPage
+from pipeline.source.snapshot import SnapshotPage
+
+QueuedPage = ShardPage | SnapshotPage
+"""What readers queue: a shard's GetRecords page, or a page of an initial load's items."""
+
+
+def page_records(page: QueuedPage) -> int:
+    return len(page.records) if isinstance(page, ShardPage) else len(page.items)
 
 
 class QueueClosedError(Exception):
@@ -26,21 +34,25 @@ class BoundedQueue:
     def __init__(self, max_records: int, max_bytes: int) -> None:
         self._max_records = max_records
         self._max_bytes = max_bytes
-        self._pages: collections.deque[ShardPage] = collections.deque()
+        self._pages: collections.deque[QueuedPage] = collections.deque()
         self._records = 0
         self._bytes = 0
         self._closed = False
         self._cond = threading.Condition()
         self.peak_records = 0
 
-    def put(self, page: ShardPage) -> None:
-        """Wait for room, then append. A page larger than the whole capacity still fits into an empty queue."""
-        n = len(page.records)
+    def put(self, page: QueuedPage, *, share: float = 1.0) -> None:
+        """Wait for room, then append. A page larger than the whole capacity still fits into an empty queue.
+
+        `share`: the part of the capacity this page may fill up to. An initial load's pages wait while the queue
+        is half full, so the stream's pages always find room: the load never holds the stream back."""
+        n = page_records(page)
+        max_records, max_bytes = self._max_records * share, self._max_bytes * share
         with self._cond:
             while (
                 not self._closed
                 and self._pages
-                and (self._records + n > self._max_records or self._bytes + page.size_bytes > self._max_bytes)
+                and (self._records + n > max_records or self._bytes + page.size_bytes > max_bytes)
             ):
                 self._cond.wait()
             if self._closed:
@@ -51,14 +63,14 @@ class BoundedQueue:
             self.peak_records = max(self.peak_records, self._records)
             self._cond.notify_all()
 
-    def get(self, timeout: float) -> ShardPage | None:
+    def get(self, timeout: float) -> QueuedPage | None:
         with self._cond:
             if not self._pages:
                 self._cond.wait(timeout)
             if not self._pages:
                 return None
             page = self._pages.popleft()
-            self._records -= len(page.records)
+            self._records -= page_records(page)
             self._bytes -= page.size_bytes
             self._cond.notify_all()
             return page
@@ -82,6 +94,9 @@ class ClosedBatch:
     batch: Batch
     positions: dict[str, str]
     finished_shards: frozenset[str]
+    load_pages: dict[int, tuple[str | None, int, int]] = field(default_factory=dict)
+    """Initial-load segment -> (resume token, next page, items) of its pages whose last item is in this batch or an
+    earlier one: committing the batch moves the segment there (items counts those pages' items)."""
 
 
 @dataclass
@@ -90,10 +105,11 @@ class _OpenBatch:
     size_bytes: int = 0
     positions: dict[str, str] = field(default_factory=dict)
     finished: set[str] = field(default_factory=set)
+    load_pages: dict[int, tuple[str | None, int, int]] = field(default_factory=dict)
     opened_at: float | None = None
 
     def empty(self) -> bool:
-        return not self.records and not self.finished
+        return not self.records and not self.finished and not self.load_pages
 
 
 class BatchAssembler:
@@ -112,8 +128,55 @@ class BatchAssembler:
         self._stream_arn = stream_arn
         self._clock = clock
         self._open = _OpenBatch()
+        self._load: tuple[str, tuple[str, ...], str | None] | None = None
 
-    def add(self, page: ShardPage) -> list[ClosedBatch]:
+    def expect_load(self, load_id: str, key_names: tuple[str, ...], region: str | None) -> None:
+        """SNAPSHOT pages of `load_id` may be added from now on: items of a table keyed by `key_names`."""
+        self._load = (load_id, key_names, region)
+
+    def _add_snapshot(self, page: SnapshotPage) -> list[ClosedBatch]:
+        assert self._load is not None, "a snapshot page before expect_load"
+        load_id, key_names, region = self._load
+        closed: list[ClosedBatch] = []
+        per_item = page.size_bytes // max(1, len(page.items))
+        for index, item in enumerate(page.items):
+            record = snapshot_record(
+                item,
+                key_names=key_names,
+                load_id=load_id,
+                table=self._table,
+                segment=page.segment,
+                page=page.page,
+                index=index,
+                read_at=page.read_at,
+                size_bytes=per_item,
+                stream_arn=self._stream_arn,
+                region=region,
+            )
+            if self._open.records and self._open.size_bytes + record.size_bytes > self._settings.max_bytes:
+                closed.append(self._close())
+            current = self._open
+            if current.opened_at is None:
+                current.opened_at = self._clock()
+            current.records.append(record)
+            current.size_bytes += record.size_bytes
+            if index == len(page.items) - 1:  # the page is whole once this batch commits
+                earlier = current.load_pages.get(page.segment)
+                items = len(page.items) + (earlier[2] if earlier is not None else 0)
+                current.load_pages[page.segment] = (page.resume, page.page + 1, items)
+            if len(current.records) >= self._settings.max_records or current.size_bytes >= self._settings.max_bytes:
+                closed.append(self._close())
+        if not page.items:
+            current = self._open
+            if current.opened_at is None:
+                current.opened_at = self._clock()
+            earlier = current.load_pages.get(page.segment)
+            current.load_pages[page.segment] = (page.resume, page.page + 1, earlier[2] if earlier is not None else 0)
+        return closed
+
+    def add(self, page: QueuedPage) -> list[ClosedBatch]:
+        if isinstance(page, SnapshotPage):
+            return self._add_snapshot(page)
         closed: list[ClosedBatch] = []
         for raw in page.records:
             record = change_record_from_stream(
@@ -157,4 +220,5 @@ class BatchAssembler:
             batch=Batch(tuple(current.records), current.size_bytes),
             positions=dict(current.positions),
             finished_shards=frozenset(current.finished),
+            load_pages=dict(current.load_pages),
         )

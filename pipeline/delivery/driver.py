@@ -129,7 +129,9 @@ class Delivery:
         if len(set(names)) != len(names):
             twice = next(name for name in names if names.count(name) > 1)
             raise ValueError(f"two sinks are named {twice!r}: give each a distinct name")
-        self._feeds = list(feeds) if feeds is not None else [SinkFeed()] * len(self.sinks)
+        self._feeds = (
+            list(feeds) if feeds is not None else [SinkFeed(snapshots=sink.takes_snapshots) for sink in self.sinks]
+        )
         self._retry = retry
         self._on_failure = on_failure
         self._on_handled = on_handled

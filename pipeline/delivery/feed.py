@@ -43,6 +43,12 @@ class SinkFeedSettings(BaseModel):
         min_length=1,
         description="Keep only these attributes (and the key attributes) in the images; after record_transform.",
     )
+    initial_load: bool | None = Field(
+        default=None,
+        description="Whether this sink gets an initial load's SNAPSHOT records (source.initial_load). Unset: the "
+        "sink's default: the archive and a replica table do, queues and topics do not (downstream teams usually "
+        "want changes only).",
+    )
     max_concurrency: int | None = Field(
         default=None,
         ge=1,
@@ -74,23 +80,26 @@ class SinkFeed:
     record_filter: RecordFilter = ADMIT_ALL
     transform: RecordTransform | None = None
     keep: frozenset[str] | None = None
+    snapshots: bool = True
+    """Whether SNAPSHOT records (an initial load's items) are given to the sink."""
 
     @classmethod
-    def of(cls, settings: SinkFeedSettings) -> SinkFeed:
+    def of(cls, settings: SinkFeedSettings, *, snapshots_by_default: bool = True) -> SinkFeed:
         return cls(
             compile_filter(settings.filter),
             None if settings.record_transform is None else resolve_record_transform(settings.record_transform),
             None if settings.project is None else frozenset(settings.project),
+            snapshots_by_default if settings.initial_load is None else settings.initial_load,
         )
 
     def prepare(self, batch: Batch) -> Prepared:
-        if self.record_filter.admits_all and self.transform is None and self.keep is None:
+        if self.record_filter.admits_all and self.transform is None and self.keep is None and self.snapshots:
             return Prepared(batch, 0, ())
         given: list[ChangeRecord] = []
         left_out: list[ChangeRecord] = []
         failed: list[tuple[ChangeRecord, TransformError]] = []
         for record in batch.records:
-            if not self.record_filter.admits(record):
+            if (record.load_id is not None and not self.snapshots) or not self.record_filter.admits(record):
                 left_out.append(record)
                 continue
             shaped: ChangeRecord | None = record

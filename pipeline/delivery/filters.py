@@ -26,7 +26,7 @@ from pydantic_core import PydanticCustomError
 
 from pipeline.records import Batch, ChangeRecord, EventName
 
-EVENT_NAMES: tuple[EventName, ...] = ("INSERT", "MODIFY", "REMOVE")
+EVENT_NAMES: tuple[EventName, ...] = ("INSERT", "MODIFY", "REMOVE", "SNAPSHOT")
 TtlDeletes = Literal["include", "exclude", "only"]
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
@@ -110,7 +110,9 @@ class FilterSettings(BaseModel):
     model_config = _FROZEN
 
     event_names: list[Annotated[EventName, BeforeValidator(_event_name)]] | None = Field(
-        default=None, min_length=1, description="INSERT, MODIFY, REMOVE (any case); unset: all."
+        default=None,
+        min_length=1,
+        description="INSERT, MODIFY, REMOVE, SNAPSHOT (an initial load's items; any case); unset: all.",
     )
     keys: Conditions = Field(default_factory=dict, description="Conditions on key attributes.")
     attributes: Conditions = Field(

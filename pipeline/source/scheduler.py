@@ -44,6 +44,9 @@ class ShardProgress:
     unacked_since: float | None = None
     """When records were read that are not checkpointed yet (the oldest such read since the last checkpoint that
     covered everything read); None while everything read is checkpointed. Set here, cleared by the pipeline."""
+    oldest_unacked_created: float | None = None
+    """Creation time (the service's clock) of the oldest record read and not checkpointed, or a time before it;
+    None with `unacked_since`. How close the shard's undelivered changes are to the stream's retention."""
     held_since: float | None = None
     """When this shard's reader began waiting at the full queue, while it waits: delivery is behind."""
 
@@ -232,6 +235,9 @@ class PollScheduler:
         last = page.records[-1]["dynamodb"]
         if progress.unacked_since is None:
             progress.unacked_since = now
+            progress.oldest_unacked_created = creation_epoch(
+                page.records[0]["dynamodb"].get("ApproximateCreationDateTime")
+            )
         progress.last_records_at = now
         progress.last_record_created = creation_epoch(last.get("ApproximateCreationDateTime"))
         progress.last_sequence_read = last["SequenceNumber"]

@@ -100,7 +100,9 @@ class WorkerBeat:
     identity: str | None = None
     shedding: int = 0
     """Leases it is giving up (draining before the release): not a sign of a worker stuck above its share."""
-    """Host, boot and process namespace: a worker on the same host can tell that `pid` is not running any more."""
+    load_ended: str | None = None
+    """The initial load this worker has seen finish and has nothing in flight from any more (its replica writes no
+    tombstones): the load's owner cleans up once every live worker says so."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +145,11 @@ class CheckpointStore:
     @property
     def table_name(self) -> str:
         return self._table
+
+    @property
+    def partition(self) -> str:
+        """The partition key of this stream and consumer's rows (the initial load's row lives there too)."""
+        return self._partition
 
     def ensure_table(self, create: bool) -> None:
         try:
@@ -587,7 +594,9 @@ class CheckpointStore:
         self.refresh(row.shard_id)
         return True
 
-    def heartbeat(self, beat: int, held: int, identity: str | None, shedding: int = 0) -> None:
+    def heartbeat(
+        self, beat: int, held: int, identity: str | None, shedding: int = 0, load_ended: str | None = None
+    ) -> None:
         """This worker's sign of life: one small write per worker, however many shards it holds."""
         assert self._worker is not None
         item: dict[str, Any] = {
@@ -601,6 +610,8 @@ class CheckpointStore:
         }
         if identity is not None:
             item["identity"] = {"S": identity}
+        if load_ended is not None:
+            item["load_ended"] = {"S": load_ended}
         # One attempt: a heartbeat that fails is simply the next one's to write, and a retried one could land after
         # the stop deleted the row (a ghost worker peers would count as live for the failover time).
         self._ddb.put_item(TableName=self._table, Item=item)
@@ -768,6 +779,7 @@ def _read_coordination_item(item: dict[str, Any], workers: dict[str, WorkerBeat]
             pid=None if pid is None else int(pid["N"]),
             identity=None if identity is None else str(identity["S"]),
             shedding=int(item.get("shedding", {}).get("N", "0")),
+            load_ended=item["load_ended"]["S"] if "load_ended" in item else None,
         )
         workers[beat.worker] = beat
     return changes

@@ -146,6 +146,11 @@ class LeaseCoordinator:
             return False  # its process is gone from this host
         return now - self._seen[worker][1] < self._failover
 
+    def live_beats(self, at: float | None = None) -> dict[str, WorkerBeat]:
+        """The last heartbeat read of every live peer (this worker's own is not among them)."""
+        with self._lock:
+            return {w: b for w, b in self._workers.items() if w != self.worker_id and self._is_live(w, at)}
+
     def live_workers(self, at: float | None = None) -> list[str]:
         with self._lock:
             return sorted({w for w in self._workers if self._is_live(w, at)} | {self.worker_id})

@@ -1,0 +1,102 @@
+"""TableLoader: an initial load's segments read side by side into the pipeline's queue, behind the stream.
+
+Each unfinished segment is read from where its progress row says (the last page every sink took), page by page,
+on a small pool of threads. Pages join the same bounded queue the shard readers fill (`put`, given by the
+runner), but only while it is less than half full (`BoundedQueue.put(share=...)`): the stream's pages always
+find room, so a copy of any size never holds back the changes that must win over it, and memory stays bounded
+by the queue, not the table.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from pipeline.retry import ShutdownInterruptedError
+from pipeline.source.snapshot import SnapshotPage, SnapshotSource
+from pipeline.state.load_progress import SegmentProgress
+
+log = logging.getLogger(__name__)
+
+LOAD_QUEUE_SHARE = 0.5
+"""The part of the queue an initial load's pages may fill: the rest is always the stream's."""
+
+MAX_SEGMENT_THREADS = 32
+
+
+@dataclass
+class LoadCounters:
+    pages_read: int = 0
+    items_read: int = 0
+    read_units: float = 0.0
+
+
+class TableLoader:
+    def __init__(
+        self,
+        source: SnapshotSource,
+        put: Callable[[SnapshotPage], None],
+        progress: Mapping[int, SegmentProgress],
+        *,
+        stopping: threading.Event,
+        on_error: Callable[[BaseException], None],
+    ) -> None:
+        self._source = source
+        self._put = put
+        """Waits for room in the queue; raises once the pipeline stops (its error goes to `on_error`)."""
+        self._todo: deque[int] = deque(sorted(s for s, p in progress.items() if not p.done))
+        self._progress = dict(progress)
+        self._stopping = stopping
+        self._on_error = on_error
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self.counters = LoadCounters()
+        self.segments_read: set[int] = set()
+        """Segments whose last page is queued (not yet committed)."""
+
+    def start(self) -> None:
+        count = min(len(self._todo), MAX_SEGMENT_THREADS)
+        for n in range(count):
+            thread = threading.Thread(target=self._work, name=f"load-{n}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    @property
+    def reading(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    def _next(self) -> int | None:
+        with self._lock:
+            return self._todo.popleft() if self._todo else None
+
+    def _work(self) -> None:
+        while not self._stopping.is_set():
+            segment = self._next()
+            if segment is None:
+                return
+            progress = self._progress[segment]
+            try:
+                for page in self._source.pages(segment, progress.resume, progress.next_page):
+                    if self._stopping.is_set():
+                        return
+                    self._put(page)
+                    with self._lock:
+                        self.counters.pages_read += 1
+                        self.counters.items_read += len(page.items)
+                        self.counters.read_units += page.read_units
+                        if page.resume is None:
+                            self.segments_read.add(segment)
+            except ShutdownInterruptedError:
+                return
+            except Exception as exc:  # the queue closed at a stop, a refusal, retries run out: the runner decides
+                self._on_error(exc)
+                return
