@@ -33,10 +33,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.aws import AwsClients
+from pipeline.errors import is_retryable
 from pipeline.retry import RetryPolicy, ShutdownInterruptedError
 from pipeline.settings import Settings
 from pipeline.source.snapshot import SnapshotPage, SnapshotSource, SnapshotSourceError
-from pipeline.source.table_loader import TableLoader
+from pipeline.source.table_export import TableExportSource
+from pipeline.source.table_loader import OUTAGE_PAUSE_SECONDS, TableLoader
 from pipeline.source.table_scan import ReadBudget, TableScanSource
 from pipeline.state.leases import LeaseCoordinator
 from pipeline.state.load_progress import LoadLostError, LoadState, LoadStore, SegmentProgress
@@ -202,13 +204,29 @@ class InitialLoadRun:
         if self._thread is not None and self._thread.is_alive():
             return
         self._committed = dict(state.progress)
+        if any(p.next_page for p in state.progress.values()):
+            log.info(
+                "initial load %s resumes: %d of %d segment(s) left, %d item(s) copied before",
+                state.load_id,
+                state.segments - state.segments_done,
+                state.segments,
+                state.items,
+            )
         self._thread = threading.Thread(target=self._copy, args=(state,), name="initial-load", daemon=True)
         self._thread.start()
 
     def _copy(self, state: LoadState) -> None:
         try:
             source = self._source(state)
-            source.prepare()
+            while True:
+                try:
+                    source.prepare()
+                    break
+                except Exception as exc:
+                    if not is_retryable(exc):
+                        raise
+                    log.error("initial load: %s; trying again in %.0fs", exc, OUTAGE_PAUSE_SECONDS)
+                    self._sleep(OUTAGE_PAUSE_SECONDS)
             if source.estimated_items is not None and source.estimated_items != state.estimated_items:
                 self.store.set_estimate(source.estimated_items)
                 with self._lock:
@@ -251,8 +269,6 @@ class InitialLoadRun:
                 consistent_read=load.consistent_read,
                 page_items=load.page_items,
             )
-        from pipeline.source.table_export import TableExportSource
-
         s3 = self._clients.client("s3", region=load.s3_region, endpoint_url=load.s3_endpoint_url)
         return TableExportSource(
             dynamodb=dynamodb,
@@ -265,7 +281,9 @@ class InitialLoadRun:
             retry=self._source_retry,
             poll_seconds=load.export_poll_seconds,
             sleep=self._sleep,
-            not_before=state.since,
+            # An export this load started began after the stream's positions were fixed. One it is given must not
+            # be older than that moment (`since` is the whole second after it: one second of slack).
+            not_before=None if state.export_arn or state.since is None or not load.export_arn else state.since - 1,
             on_export=self.store.set_export,
         )
 

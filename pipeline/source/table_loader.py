@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from pipeline.errors import is_retryable
 from pipeline.retry import ShutdownInterruptedError
 from pipeline.source.snapshot import SnapshotPage, SnapshotSource
 from pipeline.state.load_progress import SegmentProgress
@@ -26,6 +27,9 @@ LOAD_QUEUE_SHARE = 0.5
 """The part of the queue an initial load's pages may fill: the rest is always the stream's."""
 
 MAX_SEGMENT_THREADS = 32
+OUTAGE_PAUSE_SECONDS = 30.0
+"""After a segment's retries ran out on an outage (throttling, 5xx, no connection): the pause before it goes on
+from the last page it queued. An outage of the table slows the copy; it never stops the pipeline."""
 
 
 @dataclass
@@ -44,6 +48,7 @@ class TableLoader:
         *,
         stopping: threading.Event,
         on_error: Callable[[BaseException], None],
+        outage_pause_seconds: float = OUTAGE_PAUSE_SECONDS,
     ) -> None:
         self._source = source
         self._put = put
@@ -52,6 +57,8 @@ class TableLoader:
         self._progress = dict(progress)
         self._stopping = stopping
         self._on_error = on_error
+        self._pause = outage_pause_seconds
+        self.outages = 0
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self.counters = LoadCounters()
@@ -84,19 +91,30 @@ class TableLoader:
             if segment is None:
                 return
             progress = self._progress[segment]
-            try:
-                for page in self._source.pages(segment, progress.resume, progress.next_page):
-                    if self._stopping.is_set():
+            resume, next_page = progress.resume, progress.next_page
+            while not self._stopping.is_set():
+                try:
+                    for page in self._source.pages(segment, resume, next_page):
+                        if self._stopping.is_set():
+                            return
+                        self._put(page)
+                        resume, next_page = page.resume, page.page + 1
+                        with self._lock:
+                            self.counters.pages_read += 1
+                            self.counters.items_read += len(page.items)
+                            self.counters.read_units += page.read_units
+                            if page.resume is None:
+                                self.segments_read.add(segment)
+                    break
+                except ShutdownInterruptedError:
+                    return
+                except Exception as exc:
+                    if not is_retryable(exc):  # a refusal, or the queue closed at a stop: the runner decides
+                        self._on_error(exc)
                         return
-                    self._put(page)
-                    with self._lock:
-                        self.counters.pages_read += 1
-                        self.counters.items_read += len(page.items)
-                        self.counters.read_units += page.read_units
-                        if page.resume is None:
-                            self.segments_read.add(segment)
-            except ShutdownInterruptedError:
-                return
-            except Exception as exc:  # the queue closed at a stop, a refusal, retries run out: the runner decides
-                self._on_error(exc)
-                return
+                    self.outages += 1
+                    log.error(
+                        "initial load, segment %d: %s; going on from its last page in %.0fs", segment, exc, self._pause
+                    )
+                    if self._stopping.wait(self._pause):
+                        return
