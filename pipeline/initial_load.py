@@ -417,14 +417,14 @@ class InitialLoadRun:
         if eta is not None and eta > retention - load.warn_margin_seconds and not self._warned_eta:
             self._warned_eta = True
             log.warning(
-                "initial load %s: %s of %s item(s) copied; at %.1f item(s)/s it ends in %s, longer than the stream "
+                "initial load %s: %s of %s item(s) copied; at %s it ends in %s, longer than the stream "
                 "keeps changes (%s): if the stream's delivery falls that far behind, or the pipeline is down that "
                 "long, changes are lost (more initial_load.segments or read_units_per_second, or "
                 "source.initial_load = 'export')",
                 report.load_id if report else "",
                 f"{report.items:,}" if report else "?",
                 f"{report.estimated_items:,}" if report and report.estimated_items else "?",
-                report.items_per_second or 0.0 if report else 0.0,
+                _rate(report.items_per_second if report else None),
                 _duration(eta),
                 _duration(retention),
             )
@@ -434,7 +434,7 @@ class InitialLoadRun:
             if left < load.stop_margin_seconds:
                 self._fail(
                     RetentionRiskError(
-                        f"shard {shard_id}: its oldest undelivered change was made {_duration(age)} ago and leaves "
+                        f"shard {shard_id}: its oldest undelivered change is up to {_duration(age)} old and may leave "
                         f"the stream in {_duration(max(0.0, left))} (retention {_duration(retention)}), while "
                         f"initial load {self.load_id} runs; stopped before it is lost: nothing is lost yet and the "
                         "checkpoint stays. Fix what holds delivery back (a sink's outage or throttling, see the "
@@ -446,7 +446,7 @@ class InitialLoadRun:
             if left - expected < load.warn_margin_seconds and shard_id not in self._warned_shards:
                 self._warned_shards.add(shard_id)
                 log.warning(
-                    "shard %s: its oldest undelivered change was made %s ago and leaves the stream in %s; initial "
+                    "shard %s: its oldest undelivered change is up to %s old and may leave the stream in %s; initial "
                     "load %s is expected to run %s more. The pipeline stops %s before it would be lost",
                     shard_id,
                     _duration(age),
@@ -482,6 +482,14 @@ def _replace_estimate(state: LoadState, items: int) -> LoadState:
     from dataclasses import replace
 
     return replace(state, estimated_items=items)
+
+
+def _rate(per_second: float | None) -> str:
+    if not per_second:
+        return "no measured rate"
+    if per_second < 1.0:
+        return f"{per_second * 3600:,.0f} item(s)/h"
+    return f"{per_second:,.0f} item(s)/s"
 
 
 def _duration(seconds: float) -> str:

@@ -51,6 +51,12 @@ from sinks.registry import build_sink
 
 log = logging.getLogger(__name__)
 
+RETENTION_WATCH_POLL_SECONDS = 60.0
+"""A shard whose last successful poll, this recent, found nothing new is caught up: nothing of it can age out."""
+RETENTION_STUCK_SECONDS = 300.0
+"""A shard behind whose checkpoint has not moved for this long (the stream's clock), since it was first watched in
+this process, is stuck: only a stuck shard stops the pipeline, one catching up is left to catch up."""
+
 
 class StreamChangedError(Exception):
     """The table's stream is not the one this consumer has been reading (it was disabled and enabled again)."""
@@ -168,6 +174,8 @@ class Pipeline:
         self._pass_now = threading.Event()
         self.initial_load: InitialLoadRun | None = None
         """The copy of the table's existing items (`source.initial_load`), or None."""
+        self._retention_moved: dict[str, tuple[str | None, float]] = {}
+        """Shard -> its checkpoint at the last retention watch, and since when (stream clock) it has been there."""
         self._schedule_lock = threading.RLock()
         """Held while readers are scheduled or dropped, and while `_leased` / `_shedding` are checked and changed
         (the lease, heartbeat, delivery and discovery threads all touch them)."""
@@ -736,24 +744,42 @@ class Pipeline:
             self._watch_retention()
 
     def _watch_retention(self) -> None:
-        """While a load runs, shards whose undelivered changes approach the stream's retention."""
+        """While a load runs: for every shard this worker holds that is behind, the creation time of its oldest
+        change not yet delivered (or a time before it), for the load's retention watch."""
         if self.initial_load is None or not self.initial_load.active or self.store is None:
             return
+        start = self.stream_start
+        since = None if start is None or start.since is None else float(start.since)
+        now = time.time()
+        stream_now = self.clients.stream_now()
         undelivered: dict[str, float] = {}
-        for shard_id in list(self._leased):
-            progress = self.scheduler.progress.get(shard_id)
-            if progress is None:
-                continue
+        with self._schedule_lock:
+            leased = [s for s in self._leased if not self.lineage.is_finished(s)]
+        for shard_id in leased:
             row = self.store.checkpoint(shard_id)
-            delivered = None
-            if row is not None and row.last_record_at is not None:
-                delivered = datetime.fromisoformat(row.last_record_at).timestamp()
-            if progress.unacked_since is not None:
-                created = progress.oldest_unacked_created or delivered
-            elif progress.held_since is not None:
-                created = delivered  # waiting at the full queue: what it has not read is newer than this
-            else:
+            position = None if row is None else row.sequence_number
+            seen = self._retention_moved.get(shard_id)
+            if seen is None or seen[0] != position:
+                self._retention_moved[shard_id] = (position, stream_now)
+                continue  # first watched, or moved on since the last watch: not stuck
+            if stream_now - seen[1] < RETENTION_STUCK_SECONDS:
                 continue
+            progress = self.scheduler.progress.get(shard_id)
+            caught_up = (
+                progress is not None
+                and progress.unacked_since is None
+                and progress.held_since is None
+                and progress.last_poll_ok_at is not None
+                and now - progress.last_poll_ok_at < RETENTION_WATCH_POLL_SECONDS
+                and (progress.last_records_at or 0.0) < progress.last_poll_ok_at
+            )
+            if caught_up:
+                continue
+            created = None if progress is None else progress.oldest_unacked_created
+            if created is None and row is not None and row.last_record_at is not None:
+                created = datetime.fromisoformat(row.last_record_at).timestamp()
+            if created is None:
+                created = since  # nothing delivered from it yet: its changes are no older than the first start
             if created is not None:
                 undelivered[shard_id] = created
         self.initial_load.watch_retention(undelivered)

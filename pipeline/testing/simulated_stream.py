@@ -1172,6 +1172,14 @@ class StreamSimulator:
         with self._lock:
             self._forced[operation].extend([fault] * times)
 
+    def clear_faults(self, operation: str | None = None) -> None:
+        """Forget the faults `fail_next` queued (for `operation`, or all): the outage is over."""
+        with self._lock:
+            if operation is None:
+                self._forced.clear()
+            else:
+                self._forced.pop(operation, None)
+
     def on_call(self, listener: Callable[[ServedCall], None]) -> Callable[[], None]:
         """Call `listener` after every answered request, outside the simulator's lock (so it may write, split or
         move the clock); returns a function that removes it."""
