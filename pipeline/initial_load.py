@@ -28,9 +28,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 from pipeline.aws import AwsClients
 from pipeline.errors import is_retryable
@@ -41,7 +39,7 @@ from pipeline.source.table_export import TableExportSource
 from pipeline.source.table_loader import OUTAGE_PAUSE_SECONDS, TableLoader
 from pipeline.source.table_scan import ReadBudget, TableScanSource
 from pipeline.state.leases import LeaseCoordinator
-from pipeline.state.load_progress import LoadLostError, LoadState, LoadStore, SegmentProgress
+from pipeline.state.load_progress import LoadLostError, LoadReport, LoadState, LoadStore, SegmentProgress
 from sinks.base import Sink
 
 log = logging.getLogger(__name__)
@@ -49,22 +47,6 @@ log = logging.getLogger(__name__)
 
 class RetentionRiskError(Exception):
     """Changes a load depends on are about to leave the stream: stopped before they are lost."""
-
-
-@dataclass(frozen=True, slots=True)
-class LoadReport:
-    """What `status`, metrics and the console show of a load."""
-
-    load_id: str
-    mode: str
-    phase: str
-    items: int
-    estimated_items: int | None
-    segments: int
-    segments_done: int
-    owner: str | None
-    eta_seconds: float | None
-    items_per_second: float | None
 
 
 def new_load_id(now: float) -> str:
@@ -503,20 +485,3 @@ def _duration(seconds: float) -> str:
     if minutes:
         return f"{minutes}m{int(rest % 60):02d}s"
     return f"{seconds:.0f}s"
-
-
-def load_report_json(report: LoadReport | None) -> dict[str, Any] | None:
-    if report is None:
-        return None
-    return {
-        "load_id": report.load_id,
-        "mode": report.mode,
-        "phase": report.phase,
-        "items": report.items,
-        "estimated_items": report.estimated_items,
-        "segments": report.segments,
-        "segments_done": report.segments_done,
-        "owner": report.owner,
-        "eta_seconds": None if report.eta_seconds is None else round(report.eta_seconds, 1),
-        "items_per_second": None if report.items_per_second is None else round(report.items_per_second, 1),
-    }

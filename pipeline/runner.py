@@ -139,6 +139,8 @@ class Pipeline:
         self.discovery_failing_since: float | None = None
         self.discovery_error: str | None = None
         self.reading_nothing_since: float | None = None
+        self.initial_load: InitialLoadRun | None = None
+        """The copy of the table's existing items (`source.initial_load`), or None."""
         self.metrics = PipelineMetrics(self, stall_seconds=settings.metrics.stall_seconds)
         self.metrics_server: MetricsServer | None = None
         self._check_unknown_parents = True
@@ -172,8 +174,6 @@ class Pipeline:
         self.heartbeat_failing_since: float | None = None
         self._lease_wake = threading.Event()
         self._pass_now = threading.Event()
-        self.initial_load: InitialLoadRun | None = None
-        """The copy of the table's existing items (`source.initial_load`), or None."""
         self._retention_moved: dict[str, tuple[str | None, float]] = {}
         """Shard -> its checkpoint at the last retention watch, and since when (stream clock) it has been there."""
         self._schedule_lock = threading.RLock()

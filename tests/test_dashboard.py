@@ -104,16 +104,23 @@ def scrape(aws: EmbeddedAws, table: str, bucket: str, make_settings: Callable[..
         {"type": "s3_parquet", "name": "archive", "bucket": bucket, "prefix": "orders/", "buffer_max_seconds": 0.2},
         {"type": "sqs", "name": "queue", "queue_url": queue_url},
     ]
-    pipeline = Pipeline(make_settings(metrics={"port": 0, "host": "127.0.0.1"}, sinks=sinks))
+    # With an initial load, so that its series are exported too (the 20 items copied beside the 21 changes).
+    pipeline = Pipeline(
+        make_settings(metrics={"port": 0, "host": "127.0.0.1"}, sinks=sinks, source={"initial_load": "scan"})
+    )
     pipeline.start()
     try:
         assert pipeline.metrics_server is not None
         wait_until(
             lambda: (
                 pipeline.fatal is not None
-                or (pipeline.stats.checkpoints_written > 0 and sum(pipeline.stats.events.values()) == 21)
+                or (
+                    pipeline.stats.checkpoints_written > 0
+                    and sum(n for name, n in pipeline.stats.events.items() if name != "SNAPSHOT") == 21
+                    and pipeline.stats.events["SNAPSHOT"] == 19
+                )
             ),
-            what="21 changes delivered and checkpointed",
+            what="21 changes and 19 copied items delivered and checkpointed",
         )
         assert pipeline.fatal is None, pipeline.fatal
         return _scrape(pipeline.metrics_server.port)

@@ -22,7 +22,9 @@ from typing import TextIO
 
 import orjson
 
+from pipeline.ops.status import age_text
 from pipeline.ops.view import PipelineView
+from pipeline.state.load_progress import LoadReport
 
 NOISY_LOGGERS = ("botocore", "boto3", "s3fs", "aiobotocore", "urllib3", "werkzeug")
 CLEAR_LINE = "\r\x1b[2K"
@@ -128,6 +130,16 @@ class Progress:
         )
 
 
+def load_bar(load: LoadReport, width: int = 20) -> str:
+    """`load [#######.............] 35% 3,500/10,000 ETA 4m10s`: the copy's progress, on the status line."""
+    if not load.estimated_items:
+        return f"load {load.items:,} item(s), {load.segments_done}/{load.segments} segment(s)"
+    share = min(1.0, load.items / load.estimated_items)
+    filled = int(share * width)
+    eta = "" if load.eta_seconds is None else f" ETA {age_text(load.eta_seconds)}"
+    return f"load [{'#' * filled}{'.' * (width - filled)}] {share:.0%} {load.items:,}/{load.estimated_items:,}{eta}"
+
+
 class StatusLine:
     """Rewrites one terminal line every `interval` seconds: throughput, lag, queue, delivery, errors.
 
@@ -175,8 +187,10 @@ class StatusLine:
         lag = "-" if progress.lag_seconds is None else f"{progress.lag_seconds:.1f}s"
         capacity = self._pipeline.settings.batch.queue_capacity
         delivered = " ".join(f"{name}={counts['delivered']:,}" for name, counts in progress.sinks.items()) or "-"
+        load = self._pipeline.initial_load.report() if self._pipeline.initial_load is not None else None
         return (
-            f"{read:,} read  {rate:,.0f} rec/s  lag {lag}  queue {progress.queued:,}/{capacity:,}  "
+            (load_bar(load) + "  " if load is not None and load.phase == "loading" else "")
+            + f"{read:,} read  {rate:,.0f} rec/s  lag {lag}  queue {progress.queued:,}/{capacity:,}  "
             f"shards {progress.shards}  delivered {delivered}  buffered {progress.buffered:,}  "
             f"in flight {progress.in_flight:,}  dead-lettered {progress.dead_lettered:,}  "
             f"poll errors {progress.poll_errors:,}"

@@ -219,6 +219,28 @@ class _StateCollector(Collector):
             "Times records were skipped because the stream had trimmed them (a shard, or a whole shard aged out).",
             p.scheduler.trimmed_skips + p.stats.aged_out_skips,
         )
+        load = p.initial_load.report() if p.initial_load is not None else None
+        if load is not None:
+            phase = GaugeMetricFamily(
+                "streamsink_initial_load_phase", "1 for the initial load's phase.", labels=["load_id", "phase"]
+            )
+            for name in ("loading", "finished", "done"):
+                phase.add_metric([load.load_id, name], 1.0 if load.phase == name else 0.0)
+            yield phase
+            yield GaugeMetricFamily(
+                "streamsink_initial_load_items", "Items the initial load has delivered to every sink.", value=load.items
+            )
+            unknown = float("nan")
+            yield GaugeMetricFamily(
+                "streamsink_initial_load_items_estimated",
+                "Items the initial load is expected to copy (an export's count; a table's ItemCount); NaN unknown.",
+                value=unknown if load.estimated_items is None else load.estimated_items,
+            )
+            yield GaugeMetricFamily(
+                "streamsink_initial_load_eta_seconds",
+                "Seconds until the initial load is expected to finish, at the rate this worker copies; NaN unknown.",
+                value=unknown if load.eta_seconds is None else load.eta_seconds,
+            )
         yield _counter(
             "streamsink_records_skipped_before_start",
             "Records left out because they were made before the first start (starting_position LATEST or "

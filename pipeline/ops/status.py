@@ -25,6 +25,7 @@ from pipeline.settings import Settings
 from pipeline.source.reader import ShardReader, StartPosition, TrimmedDataError
 from pipeline.source.stream import ShardInfo, StreamNotFoundError, describe_shards, resolve_stream_arn
 from pipeline.state.checkpoint import Checkpoint, CheckpointStore, WorkerBeat
+from pipeline.state.load_progress import LoadReport, LoadState, LoadStore, load_report_json, report_of
 
 ShardState = Literal["open", "closed", "done"]
 
@@ -82,6 +83,8 @@ class StreamStatus:
     """Checkpoints of shards no longer in the stream: aged out after the 24-hour retention."""
     workers: tuple[WorkerBeat, ...] = ()
     """The heartbeats of this consumer's workers."""
+    initial_load: LoadState | None = None
+    """The consumer's initial load (`source.initial_load`), if it has one."""
 
     def heartbeat_age(self, worker: str | None) -> float | None:
         """Seconds since a worker's last heartbeat, by this machine's clock against the worker's (a rough
@@ -198,6 +201,9 @@ def collect_status(
             behind = RecordsBehind()
         rows.append(ShardStatus(shard, state, checkpoint, behind))
     present = {s.shard_id for s in shards}
+    load = LoadStore(
+        dynamodb, table_name=settings.checkpoint.table_name, partition=store.partition, retry=retry, worker=""
+    ).read()
     return StreamStatus(
         stream_arn=stream_arn,
         consumer_name=settings.checkpoint.consumer_name,
@@ -206,6 +212,7 @@ def collect_status(
         shards=tuple(rows),
         gone_checkpoints=sum(1 for shard_id in checkpoints if shard_id not in present),
         workers=tuple(sorted(stored.workers.values(), key=lambda w: w.worker)),
+        initial_load=load,
     )
 
 
@@ -256,6 +263,23 @@ def summary_text(status: StreamStatus) -> str:
         text += f"\n{len(status.workers)} worker(s): " + "; ".join(
             f"{w.worker} holds {held[w.worker]}, {status.lease_text(w.worker)}" for w in status.workers
         )
+    if status.initial_load is not None:
+        text += "\n" + load_text(report_of(status.initial_load, status.checked_at))
+    return text
+
+
+def load_text(report: LoadReport) -> str:
+    """initial load load-...(scan): loading, 12,000 of about 50,000 item(s) (24%), 3/8 segment(s) done, ETA 5m"""
+    of = f" of about {report.estimated_items:,}" if report.estimated_items else ""
+    share = f" ({min(100, 100 * report.items // report.estimated_items)}%)" if report.estimated_items else ""
+    text = (
+        f"initial load {report.load_id} ({report.mode}): {report.phase}, {report.items:,}{of} item(s){share}, "
+        f"{report.segments_done}/{report.segments} segment(s) done"
+    )
+    if report.phase == "loading":
+        text += f", held by {report.owner or 'nobody'}"
+        if report.eta_seconds is not None:
+            text += f", ETA {age_text(report.eta_seconds)}"
     return text
 
 
@@ -330,6 +354,9 @@ def status_document(status: StreamStatus) -> dict[str, Any]:
             "oldest_unfinished": None if oldest is None else oldest.shard.shard_id,
             "checkpoints_of_gone_shards": status.gone_checkpoints,
         },
+        "initial_load": None
+        if status.initial_load is None
+        else load_report_json(report_of(status.initial_load, status.checked_at)),
         "workers": [
             {
                 "worker": w.worker,

@@ -16,6 +16,7 @@ from pipeline.delivery.driver import Delivery
 from pipeline.settings import Settings
 from pipeline.source.scheduler import PollScheduler
 from pipeline.state.checkpoint import CheckpointStore
+from pipeline.state.load_progress import LoadReport
 from sinks.base import Sink
 
 
@@ -45,6 +46,12 @@ class PipelineStats:
     """Workers of this consumer alive as this one last saw them, itself included."""
     leases_held: int = 0
     """Shards that aged out of the stream unread and were skipped (source.on_trimmed_data = skip_to_trim_horizon)."""
+
+
+class LoadView(Protocol):
+    """What the tools read of an initial load under way."""
+
+    def report(self) -> LoadReport | None: ...
 
 
 class PipelineView(Protocol):
@@ -91,3 +98,7 @@ class PipelineView(Protocol):
     @property
     def reading_nothing_since(self) -> float | None:
         """Wall-clock time since which no shard has been read while the stream has unfinished shards, or None."""
+
+    @property
+    def initial_load(self) -> LoadView | None:
+        """The initial load this pipeline runs or joined (`source.initial_load`), or None."""

@@ -306,3 +306,59 @@ def _state_from_item(item: Mapping[str, Any]) -> LoadState:
         done_at=text("done_at"),
         since=None if since is None else float(since["N"]),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class LoadReport:
+    """What `status`, metrics and the console show of a load."""
+
+    load_id: str
+    mode: str
+    phase: str
+    items: int
+    estimated_items: int | None
+    segments: int
+    segments_done: int
+    owner: str | None
+    eta_seconds: float | None
+    items_per_second: float | None
+
+
+def report_of(state: LoadState, now: datetime | None = None) -> LoadReport:
+    """A report from the row alone (`streamsink status`, another process): the rate over the whole load so far."""
+    rate = eta = None
+    if state.phase == "loading" and state.started_at and state.items:
+        elapsed = ((now or datetime.now(UTC)) - datetime.fromisoformat(state.started_at)).total_seconds()
+        if elapsed > 0:
+            rate = state.items / elapsed
+            if state.estimated_items is not None:
+                eta = max(0.0, state.estimated_items - state.items) / rate
+    return LoadReport(
+        state.load_id,
+        state.mode,
+        state.phase,
+        state.items,
+        state.estimated_items,
+        state.segments,
+        state.segments_done,
+        state.owner,
+        eta,
+        rate,
+    )
+
+
+def load_report_json(report: LoadReport | None) -> dict[str, Any] | None:
+    if report is None:
+        return None
+    return {
+        "load_id": report.load_id,
+        "mode": report.mode,
+        "phase": report.phase,
+        "items": report.items,
+        "estimated_items": report.estimated_items,
+        "segments": report.segments,
+        "segments_done": report.segments_done,
+        "owner": report.owner,
+        "eta_seconds": None if report.eta_seconds is None else round(report.eta_seconds, 1),
+        "items_per_second": None if report.items_per_second is None else round(report.items_per_second, 1),
+    }
