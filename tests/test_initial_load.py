@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from pipeline.ops.status import collect_status, status_document, summary_text
 from pipeline.runner import Pipeline
 from pipeline.settings import Settings
 from pipeline.testing.emulator import EmbeddedAws
@@ -157,3 +158,41 @@ def test_scan_load_with_a_writer_leaves_the_replica_equal_to_the_source(
     assert len(keys_read) == len(set(keys_read)) == report.items
     assert any(row["event_name"] == "REMOVE" for row in archive), "the writer's deletes reached the archive"
     assert table_from_archive(archive) == source
+
+
+def test_a_second_worker_takes_the_load_over_when_the_first_stops_and_status_shows_it(
+    aws: EmbeddedAws,
+    dynamodb: Any,
+    table: str,
+    replica: str,
+    load_settings: Callable[..., Settings],
+    started: Callable[[Pipeline], Pipeline],
+) -> None:
+    """Two workers of one consumer: one copies; when it stops mid-copy (releasing the load), the other goes on
+    from the committed progress; the clean-up waits for both workers, and `status` shows the load as it goes."""
+    for n, key in enumerate(KEYS):
+        put(dynamodb, table, key, n)
+    settings = load_settings(read_units_per_second=2.0)
+    first = started(Pipeline(settings))
+    second = started(Pipeline(settings))
+    copying = [p for p in (first, second) if p.initial_load is not None and p.initial_load.store.holding]
+    assert len(copying) == 1, "exactly one worker holds the load"
+    holder = copying[0]
+    other = second if holder is first else first
+    wait_until(lambda: (holder.initial_load.report().items if holder.initial_load else 0) >= 40, what="some progress")
+    status = collect_status(settings)
+    assert status.initial_load is not None and status.initial_load.phase == "loading"
+    assert status.initial_load.owner == holder.worker_id
+    assert "initial load load-" in summary_text(status) and "(scan): loading" in summary_text(status)
+    assert holder.stop() is True
+    done_before = collect_status(settings).initial_load
+    assert done_before is not None and done_before.owner is None and 0 < done_before.items < len(KEYS)
+    dynamodb.delete_item(TableName=table, Key={"pk": {"S": KEYS[-1]}, "sk": {"S": "a"}})  # a tombstone to clean up
+    wait_until(lambda: load_phase(other) == "done", timeout=60, what="the other worker to finish the load")
+    source = scan_all(dynamodb, table)
+    wait_until(lambda: scan_all(dynamodb, replica) == source, timeout=30, what="the replica to equal the source")
+    assert not [i for i in raw_replica(dynamodb, replica) if "_streamsink_deleted" in i], "tombstones left"
+    document = status_document(collect_status(settings))
+    assert document["initial_load"]["phase"] == "done"
+    # Resumed: the first worker's pages are not read again (the deleted item is counted if it was read before).
+    assert len(KEYS) - 1 <= document["initial_load"]["items"] <= len(KEYS)
