@@ -12,8 +12,10 @@ import json
 import random
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import duckdb
 import pytest
 
 from pipeline.ops.status import collect_status, status_document, summary_text
@@ -64,6 +66,29 @@ def table_from_archive(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if row["event_name"] != "REMOVE":
             table[key] = json.loads(row["new_image"])
     return table
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_query() -> str:
+    """The README's DuckDB query for "the table as the load read it, plus every change since", as written there."""
+    text = README.read_text()
+    start = text.index("```sql\n-- The table as the initial load read it")
+    return text[start + len("```sql\n") : text.index("```", start + 6)]
+
+
+def table_by_duckdb(s3: Any, bucket: str, prefix: str, where: Path) -> dict[str, dict[str, Any]]:
+    """The README's query, run by DuckDB over the archive's objects (copied to `where`: DuckDB's S3 support is an
+    extension it would download)."""
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for entry in page.get("Contents", []):
+            target = where / entry["Key"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(s3.get_object(Bucket=bucket, Key=entry["Key"])["Body"].read())
+    query = readme_query().replace("s3://BUCKET/PREFIX", f"{where / prefix}/")
+    rows = duckdb.sql(query).fetchall()
+    return {json.loads(keys)["pk"]["S"]: json.loads(image) for keys, image in rows}
 
 
 class Writer(threading.Thread):
@@ -122,6 +147,7 @@ def load_settings(make_settings: Callable[..., Settings], replica: str, bucket: 
 
 
 def test_scan_load_with_a_writer_leaves_the_replica_equal_to_the_source(
+    tmp_path: Path,
     aws: EmbeddedAws,
     dynamodb: Any,
     table: str,
@@ -158,6 +184,7 @@ def test_scan_load_with_a_writer_leaves_the_replica_equal_to_the_source(
     assert len(keys_read) == len(set(keys_read)) == report.items
     assert any(row["event_name"] == "REMOVE" for row in archive), "the writer's deletes reached the archive"
     assert table_from_archive(archive) == source
+    assert table_by_duckdb(aws.client("s3"), bucket, "orders/", tmp_path / "archive") == source
 
 
 def test_a_second_worker_takes_the_load_over_when_the_first_stops_and_status_shows_it(
