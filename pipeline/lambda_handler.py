@@ -354,7 +354,16 @@ def load_lambda_settings(stream_arn: str | None, environ: Mapping[str, str] | No
         data["source"] = source
     for warning in environment_warnings({name: value for name, value in env.items() if name != CONFIG_VARIABLE}):
         log.warning("%s", warning)
-    return load_settings(None, **data), named
+    settings = load_settings(None, **data)
+    if settings.source.initial_load != "none":
+        raise ConfigError(
+            [
+                f"source.initial_load = {settings.source.initial_load!r}: the Lambda handler delivers the batches "
+                "Lambda's event source mapping gives it and cannot copy a table; run the load with `streamsink "
+                "run` (README: Loading existing data) and leave source.initial_load unset here"
+            ]
+        )
+    return settings, named
 
 
 def _config_path(env: Mapping[str, str]) -> Path | None:

@@ -660,3 +660,20 @@ def test_the_sam_template_maps_the_stream_with_the_settings_the_failure_contract
     )
     assert {"s3:PutObject", "sqs:SendMessage", "sns:Publish", "dynamodb:PutItem", "dynamodb:DeleteItem"} <= actions
     assert not any(a.startswith("dynamodb:") and "Checkpoint" in a for a in actions)
+
+
+def test_an_initial_load_is_refused_under_lambda_in_one_line(
+    aws: EmbeddedAws, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_container: None
+) -> None:
+    """The handler only delivers what the event source mapping gives it: a config asking for a copy of the table
+    is an error naming the key and where loads run, not a load silently never made."""
+    monkeypatch.setenv("LAMBDA_TASK_ROOT", str(tmp_path))
+    monkeypatch.delenv("STREAMSINK_CONFIG", raising=False)
+    monkeypatch.setenv("STREAMSINK_SOURCE__ENDPOINT_URL", aws.endpoint_url)
+    monkeypatch.setenv("STREAMSINK_SOURCE__INITIAL_LOAD", "scan")
+    monkeypatch.setenv("STREAMSINK_SINKS", '[{"type": "memory", "name": "mirror"}]')
+    records = [change_record(table="orders", sequence=1, event_id="e1")]
+    with pytest.raises(ConfigError) as raised:
+        handler(lambda_event(records), FakeContext(5))
+    (line,) = raised.value.lines
+    assert "source.initial_load" in line and "streamsink run" in line and "\n" not in line
