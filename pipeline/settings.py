@@ -374,7 +374,6 @@ class Settings(BaseSettings):
     )
 
     source: SourceSettings
-    initial_load: InitialLoadSettings = InitialLoadSettings()
     checkpoint: CheckpointSettings = CheckpointSettings()
     lease: LeaseSettings = LeaseSettings()
     batch: BatchSettings = BatchSettings()
@@ -384,6 +383,7 @@ class Settings(BaseSettings):
     dead_letter: DeadLetterSettings = DeadLetterSettings()
     runtime: RuntimeSettings = RuntimeSettings()
     metrics: MetricsSettings = MetricsSettings()
+    initial_load: InitialLoadSettings = InitialLoadSettings()
     filter: FilterSettings = Field(
         default_factory=FilterSettings,
         description="`[filter]`: records no sink gets; dropped records still advance the checkpoint.",
