@@ -20,7 +20,7 @@ from botocore.config import Config
 from botocore.exceptions import ProfileNotFound
 
 from pipeline.version import version
-from pipeline.wire import install_fast_get_records
+from pipeline.wire import install_fast_get_records, install_fast_scan
 
 STREAM_ARN_FORM = "arn:aws:dynamodb:REGION:ACCOUNT:table/NAME/stream/LABEL"
 _STREAM_ARN = re.compile(r"arn:aws[a-z-]*:dynamodb:[a-z0-9-]+:\d{12}:table/[^/\s]+/stream/[^/\s]+")
@@ -121,6 +121,18 @@ class AwsClients:
                     client.meta.events.register("after-call.dynamodb-streams", self._note_service_time)
                     if self.fast_get_records:
                         install_fast_get_records(client)
+                self._cache[key] = client
+            return self._cache[key]
+
+    def scan_client(self) -> Any:
+        """A `dynamodb` client of its own for an initial load's Scan, parsed by `pipeline.wire.parse_scan`."""
+        key = ("dynamodb-scan", self.region, self.endpoint_url)
+        with self._lock:
+            if key not in self._cache:
+                client = self._session.client(
+                    "dynamodb", region_name=self.region, endpoint_url=self.endpoint_url, config=self._config
+                )
+                install_fast_scan(client)
                 self._cache[key] = client
             return self._cache[key]
 

@@ -243,7 +243,7 @@ class InitialLoadRun:
         dynamodb = self._clients.client("dynamodb")
         if state.mode == "scan":
             return TableScanSource(
-                dynamodb=dynamodb,
+                dynamodb=self._clients.scan_client(),
                 table_name=self._table,
                 segments=state.segments,
                 retry=self._source_retry,

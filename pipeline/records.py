@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal
 
+import msgspec
 import orjson
 
 EventName = Literal["INSERT", "MODIFY", "REMOVE", "SNAPSHOT"]
@@ -575,7 +576,7 @@ SNAPSHOT_SEQUENCE_DIGITS = (7, 10, 7)
 
 
 def snapshot_record(
-    item: Mapping[str, Any],
+    item: Mapping[str, Any] | bytes,
     *,
     key_names: tuple[str, ...],
     load_id: str,
@@ -588,30 +589,35 @@ def snapshot_record(
     stream_arn: str | None = None,
     region: str | None = None,
 ) -> ChangeRecord:
-    """An item an initial load read, as a record every sink takes: shaped like a stream record with event name
-    SNAPSHOT, the whole item as NewImage, and a sequence number that names its place in the load (not a stream
-    sequence number: it compares with none; sinks that order by sequence treat SNAPSHOT records apart)."""
+    """An item an initial load read, as a record every sink takes: shaped like a stream record in wire form
+    (`WireRecord`) with event name SNAPSHOT, the whole item as NewImage, and a sequence number that names its place
+    in the load (not a stream sequence number: it compares with none; sinks that order by sequence treat SNAPSHOT
+    records apart). `item` is DynamoDB JSON: its text as the service sent it (kept unparsed until a sink reads it;
+    the archive copies it as it is), or a mapping."""
     seg_digits, page_digits, index_digits = SNAPSHOT_SEQUENCE_DIGITS
     sequence = f"{segment:0{seg_digits}d}{page:0{page_digits}d}{index:0{index_digits}d}"
     event_id = f"{load_id}-{sequence}"
-    keys = {name: item[name] for name in key_names if name in item}
-    ddb: dict[str, Any] = {
-        "ApproximateCreationDateTime": read_at,
-        "Keys": keys,
-        "NewImage": item,
-        "SequenceNumber": sequence,
-        "SizeBytes": size_bytes,
-        "StreamViewType": "NEW_IMAGE",
-    }
-    raw: dict[str, Any] = {
-        "eventID": event_id,
-        "eventName": "SNAPSHOT",
-        "eventVersion": "1.1",
-        "eventSource": "aws:dynamodb",
-        "dynamodb": ddb,
-    }
-    if region is not None:
-        raw["awsRegion"] = region
+    if isinstance(item, bytes):
+        keys = _key_attributes(item, key_names, event_id)
+        new_image = LazyImage(item, event_id, "NewImage")
+    else:
+        keys = {name: item[name] for name in key_names if name in item}
+        new_image = LazyImage(item, event_id, "NewImage")
+    raw = WireRecord(
+        event_id=event_id,
+        event_name="SNAPSHOT",
+        dynamodb=WireStreamRecord(
+            sequence_number=sequence,
+            creation_time=read_at,
+            key_image=LazyImage(keys, event_id, "Keys"),
+            new_image=new_image,
+            size_bytes=size_bytes,
+            view_type="NEW_IMAGE",
+        ),
+        event_version="1.1",
+        event_source="aws:dynamodb",
+        aws_region=region,
+    )
     return ChangeRecord(
         event_id=event_id,
         event_name="SNAPSHOT",
@@ -620,7 +626,7 @@ def snapshot_record(
         sequence_number=sequence,
         approximate_creation_time=datetime.fromtimestamp(read_at, UTC),
         keys=unmarshal_image(keys),
-        new_image=LazyImage(item, event_id, "NewImage"),
+        new_image=new_image,
         old_image=None,
         size_bytes=size_bytes,
         user_identity=None,
@@ -628,3 +634,15 @@ def snapshot_record(
         stream_arn=stream_arn,
         load_id=load_id,
     )
+
+
+_TOP_LEVEL = msgspec.json.Decoder(dict[str, msgspec.Raw])
+
+
+def _key_attributes(item: bytes, key_names: tuple[str, ...], event_id: str) -> dict[str, Any]:
+    """The key attributes of an item's JSON text, parsing only them (the rest stays text)."""
+    try:
+        attributes = _TOP_LEVEL.decode(item)
+        return {name: orjson.loads(bytes(attributes[name])) for name in key_names if name in attributes}
+    except (msgspec.DecodeError, orjson.JSONDecodeError) as exc:
+        raise UnmarshalError(f"item of record {event_id}: {exc}") from exc

@@ -121,7 +121,7 @@ def late_answers(pipeline: Pipeline, seconds: float = 0.3) -> None:
     def late(**_kwargs: Any) -> None:
         threading.Event().wait(seconds)
 
-    pipeline.clients.client("dynamodb").meta.events.register("after-call.dynamodb.Scan", late)
+    pipeline.clients.scan_client().meta.events.register("after-call.dynamodb.Scan", late)
 
 
 def load_phase(pipeline: Pipeline) -> str | None:

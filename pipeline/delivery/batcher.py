@@ -149,7 +149,7 @@ class BatchAssembler:
                 page=page.page,
                 index=index,
                 read_at=page.read_at,
-                size_bytes=per_item,
+                size_bytes=len(item) if isinstance(item, bytes) else per_item,
                 stream_arn=self._stream_arn,
                 region=region,
             )

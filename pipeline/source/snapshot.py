@@ -18,8 +18,9 @@ class SnapshotPage:
     """Items one segment read in one call (a Scan page, or a run of lines of an export's data file)."""
 
     segment: int
-    items: tuple[Mapping[str, Any], ...]
-    """Whole items in DynamoDB JSON, as Scan or the export wrote them."""
+    items: tuple[Mapping[str, Any] | bytes, ...]
+    """Whole items in DynamoDB JSON: each item's JSON text as the service sent it (a Scan parsed by
+    `pipeline.wire`), or a mapping."""
     size_bytes: int
     resume: str | None
     """Where the segment goes on after this page; None: this was the segment's last page."""

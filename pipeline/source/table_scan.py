@@ -137,7 +137,7 @@ class TableScanSource:
             yield SnapshotPage(
                 segment=segment,
                 items=items,
-                size_bytes=sum(len(to_json_bytes(item)) for item in items),
+                size_bytes=sum(len(item) if isinstance(item, bytes) else len(to_json_bytes(item)) for item in items),
                 resume=None if last_key is None else encode_start_key(last_key),
                 page=page_number,
                 read_at=read_at,
