@@ -1,5 +1,6 @@
 """Factories for stream records in the shapes the pipeline sees them: boto3's GetRecords element, a ShardPage,
-and the unmarshalled ChangeRecord. Everything is keyword-driven with defaults that make a valid record."""
+and the unmarshalled ChangeRecord (and an initial load's SNAPSHOT record). Everything is keyword-driven with defaults
+that make a valid record."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pipeline.records import ChangeRecord, EventName, change_record_from_stream
+from pipeline.records import ChangeRecord, EventName, change_record_from_stream, snapshot_record
 from pipeline.source.reader import RECORD_OVERHEAD_BYTES, ShardPage
 
 BASE_TIME = datetime(2024, 1, 1, tzinfo=UTC)
@@ -87,4 +88,29 @@ def change_record(*, table: str = "orders", shard_id: str = "shardId-0001", **fi
     """An unmarshalled record read from `table`'s stream; `fields` are stream_record's keyword arguments."""
     return change_record_from_stream(
         stream_record(**fields), table=table, shard_id=shard_id, stream_arn=stream_arn_of(table)
+    )
+
+
+def snapshot_change(
+    item: Mapping[str, Any],
+    *,
+    load_id: str = "load-1",
+    index: int = 0,
+    segment: int = 0,
+    page: int = 0,
+    key_names: tuple[str, ...] = ("pk", "sk"),
+    table: str = "orders",
+    size_bytes: int = 100,
+) -> ChangeRecord:
+    """An item (DynamoDB JSON) as an initial load of `table` hands it on: a SNAPSHOT record of `load_id`."""
+    return snapshot_record(
+        item,
+        key_names=key_names,
+        load_id=load_id,
+        table=table,
+        segment=segment,
+        page=page,
+        index=index,
+        read_at=BASE_TIME.timestamp(),
+        size_bytes=size_bytes,
     )
