@@ -550,7 +550,7 @@ class DynamoDbTableSink(Sink):
             else:
                 self._client.delete_item(TableName=table, Key=write.attributes, **condition)
         except (ClientError, BotoCoreError) as exc:
-            operation = "PutItem" if write.kind == "put" else "DeleteItem"
+            operation = "DeleteItem" if write.kind == "delete" else "PutItem"
             return _classified(f"{operation} of event {write.record.event_id} into {table!r}", exc)
         return None
 
