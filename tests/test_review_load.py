@@ -181,3 +181,36 @@ def test_a_stale_replica_item_the_source_no_longer_has_is_left_after_the_load(
     pipeline = started(Pipeline(load_settings()))
     wait_until(lambda: load_phase(pipeline) == "done", timeout=20, what="the load")
     assert scan_all(dynamodb, replica) == scan_all(dynamodb, table)
+
+
+
+def test_a_throttled_scan_stops_the_pipeline_instead_of_pausing_the_copy(
+    dynamodb: Any,
+    table: str,
+    replica: str,
+    load_settings: Callable[..., Settings],
+    started: Callable[[Pipeline], Pipeline],
+) -> None:
+    """table_loader.py promises "An outage of the table slows the copy; it never stops the pipeline" (pause 30 s,
+    go on from the last page). But TableScanSource.pages wraps every ClientError left after its retries, throttling
+    and 5xx included, in SnapshotSourceError, which `is_retryable` says is not: the loader reports it and the
+    whole pipeline stops with "Scan ... refused: ProvisionedThroughputExceededException"."""
+    from botocore.exceptions import ClientError
+
+    for n, key in enumerate(KEYS):
+        put(dynamodb, table, key, n)
+    pipeline = Pipeline(load_settings())
+    throttled = threading.Event()
+    throttled.set()
+
+    def throttle(**_: Any) -> None:
+        if throttled.is_set():
+            raise ClientError(
+                {"Error": {"Code": "ProvisionedThroughputExceededException", "Message": "slow down"}}, "Scan"
+            )
+
+    pipeline.clients.client("dynamodb").meta.events.register("before-parameter-build.dynamodb.Scan", throttle)
+    started(pipeline)
+    threading.Event().wait(2.0)  # a short burst of throttling, longer than the retries' few tenths of a second
+    throttled.clear()
+    assert pipeline.fatal is None, f"the pipeline stopped on a throttled Scan: {pipeline.fatal}"
