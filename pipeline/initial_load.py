@@ -71,7 +71,11 @@ class InitialLoadRun:
         fail: Callable[[BaseException], None],
         stopping: threading.Event,
         sleep: Callable[[float], None],
+        request_pass: Callable[[], None] = lambda: None,
+        coordination_read_at: Callable[[], float] = lambda: 0.0,
     ) -> None:
+        """`request_pass`: ask the lease thread for a pass now (the load finished: its clean-up is due).
+        `coordination_read_at`: when (monotonic) the last read of every worker's heartbeat was sent."""
         self._settings = settings
         self._clients = clients
         self._sinks = list(sinks)
@@ -86,6 +90,11 @@ class InitialLoadRun:
         self._fail = fail
         self._stopping = stopping
         self._sleep = sleep
+        self._request_pass = request_pass
+        self._coordination_read_at = coordination_read_at
+        self._finish_seen_at: float | None = None
+        """When (monotonic) this worker knew the load finished: a clean-up needs a heartbeat read sent after it,
+        so that every worker that may still be in load mode (it read `loading` before the finish) is in it."""
         self.state: LoadState | None = None
         self.key_names: tuple[str, ...] = ()
         self._committed: dict[int, SegmentProgress] = {}
@@ -163,6 +172,8 @@ class InitialLoadRun:
         if state.phase == "done":
             self._leave_load_mode(state.load_id)
             return
+        if self.store.holding and (state.owner != self.worker_id or state.lease_epoch != self.store.epoch):
+            self._lost(f"worker {state.owner or 'none'} holds it now")
         holder_gone = state.owner is None or state.owner == self.worker_id or not self._leases.is_live(state.owner)
         if not self.store.holding and holder_gone:
             taken = self.store.take(state)
@@ -173,8 +184,18 @@ class InitialLoadRun:
                     log.info("initial load %s taken over from worker %s", state.load_id, state.owner)
                 if taken.phase == "loading":
                     self._start_copy(taken)
+        elif (
+            self.store.holding
+            and state.phase == "loading"
+            and state.progress
+            and all(p.done for p in state.progress.values())
+            and not self._reading
+        ):
+            self._finish(state.load_id)  # every segment was committed, and then the finish was not written
         if state.phase == "finished":
             self._leave_load_mode(state.load_id)
+            if self._finish_seen_at is None:
+                self._finish_seen_at = time.monotonic()
             if self.store.holding and self._everyone_ended(state.load_id):
                 self._start_clean_up(state.load_id)
 
@@ -185,6 +206,10 @@ class InitialLoadRun:
     def _start_copy(self, state: LoadState) -> None:
         if self._thread is not None and self._thread.is_alive():
             return
+        if self._loader is not None:  # of an earlier hold of this load: it must not feed this one
+            self._loader.stop()
+            self._loader.join(30.0)
+            self._loader = None
         self._committed = dict(state.progress)
         if any(p.next_page for p in state.progress.values()):
             log.info(
@@ -214,6 +239,9 @@ class InitialLoadRun:
                 with self._lock:
                     self.state = _replace_estimate(self.state or state, source.estimated_items)
             self._rate_start = (self._clients.stream_now(), sum(p.items for p in self._committed.values()))
+            if all(p.done for p in self._committed.values()):
+                self._finish(state.load_id)  # committed to the end before, and the finish was not written then
+                return
             loader = TableLoader(
                 source,
                 self._put,
@@ -264,8 +292,8 @@ class InitialLoadRun:
             poll_seconds=load.export_poll_seconds,
             sleep=self._sleep,
             # An export this load started began after the stream's positions were fixed. One it is given must not
-            # be older than that moment (`since` is the whole second after it: one second of slack).
-            not_before=None if state.export_arn or state.since is None or not load.export_arn else state.since - 1,
+            # be older than `since`: the whole second after the last LATEST iterator was taken.
+            not_before=None if state.export_arn or state.since is None or not load.export_arn else state.since,
             on_export=self.store.set_export,
         )
 
@@ -283,22 +311,51 @@ class InitialLoadRun:
         try:
             self.store.save(moved)
         except LoadLostError as exc:
-            log.warning("initial load: progress not saved, %s", exc)
+            self._lost(str(exc))
             return False
         self._committed.update(moved)
         state = self.state
         if state is None or not all(p.done for p in self._committed.values()):
             return False
-        self.store.finish()
+        self._finish(state.load_id)
+        return True
+
+    def _finish(self, load_id: str) -> None:
+        """Every segment is committed: the load is `finished` (a failure here is retried by the next start or
+        pass, which find every segment done)."""
+        try:
+            self.store.finish()
+        except LoadLostError as exc:
+            self._lost(str(exc))
+            return
         log.info(
             "initial load %s finished: %d item(s) delivered to every sink",
-            state.load_id,
+            load_id,
             sum(p.items for p in self._committed.values()),
         )
         with self._lock:
             self.state = self.store.read()
-        self._leave_load_mode(state.load_id)
-        return True
+        self._leave_load_mode(load_id)
+        self._finish_seen_at = time.monotonic()
+        self._request_pass()
+
+    def _lost(self, why: str) -> None:
+        """Another worker holds the load now: stop copying, and let no copied item still queued reach a sink
+        (`copying` is False, and the runner drops them): that worker copies them again after their changes."""
+        self.store.forget()
+        if self._loader is not None:
+            self._loader.stop()
+        log.warning("initial load %s: stopped copying, %s", self.load_id, why)
+
+    @property
+    def copying(self) -> bool:
+        """This worker holds the load: only then may its SNAPSHOT records be delivered (once it lost the load,
+        those still queued are dropped; the worker holding it now copies those items again)."""
+        return self.store.holding
+
+    @property
+    def _reading(self) -> bool:
+        return self._loader is not None and self._loader.reading
 
     def _leave_load_mode(self, load_id: str) -> None:
         """No SNAPSHOT record comes any more: sinks stop keeping what only the load needed."""
@@ -320,8 +377,10 @@ class InitialLoadRun:
         return self.state.load_id
 
     def _everyone_ended(self, load_id: str) -> bool:
-        if self.ended != load_id:
+        if self.ended != load_id or self._finish_seen_at is None:
             return False
+        if self._coordination_read_at() <= self._finish_seen_at:
+            return False  # a worker that joined just before the finish may not be in the heartbeats read yet
         return all(beat.load_ended == load_id for beat in self._leases.live_beats().values())
 
     def _start_clean_up(self, load_id: str) -> None:
@@ -447,10 +506,6 @@ class InitialLoadRun:
             self._thread.join(max(0.0, deadline - time.monotonic()))
         if self._loader is not None:
             self._loader.join(max(0.0, deadline - time.monotonic()))
-
-    @property
-    def copying(self) -> bool:
-        return self._loader is not None and self._loader.reading
 
     def release(self) -> None:
         """After the drain: a peer or the next start takes the load over at once."""

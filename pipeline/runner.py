@@ -29,6 +29,7 @@ from pipeline.delivery.filters import compile_filter
 from pipeline.initial_load import InitialLoadRun
 from pipeline.ops.metrics import MetricsServer, PipelineMetrics
 from pipeline.ops.view import PipelineStats
+from pipeline.records import Batch
 from pipeline.retry import RetryPolicy, ShutdownInterruptedError
 from pipeline.settings import Settings, resolve_locations
 from pipeline.source.reader import ShardPage, ShardReader, StartPosition, TrimmedDataError
@@ -174,6 +175,8 @@ class Pipeline:
         self.heartbeat_failing_since: float | None = None
         self._lease_wake = threading.Event()
         self._pass_now = threading.Event()
+        self._coordination_read_at = 0.0
+        """When (monotonic) the last read of every worker's heartbeat was sent."""
         self._retention_moved: dict[str, tuple[str | None, float]] = {}
         """Shard -> its checkpoint at the last retention watch, and since when (stream clock) it has been there."""
         self._schedule_lock = threading.RLock()
@@ -271,6 +274,8 @@ class Pipeline:
             fail=self._fail,
             stopping=self._stopping,
             sleep=self._sleep_unless_stopping,
+            request_pass=self._request_pass,
+            coordination_read_at=lambda: self._coordination_read_at,
         )
         self.initial_load.begin()
         assert self.initial_load.load_id is not None
@@ -417,6 +422,7 @@ class Pipeline:
         )
         read_at = time.monotonic()
         workers, changes = self.store.coordination()
+        self._coordination_read_at = read_at
         changed = self.leases.observe(workers, at=read_at)
         announced = self.leases.last_changes is not None and changes != self.leases.last_changes
         self.leases.last_changes = changes
@@ -855,14 +861,21 @@ class Pipeline:
                 for item in closed:
                     admitted = self.record_filter.select(item.batch)
                     self.stats.filtered += len(item.batch) - len(admitted)
+                    load = self.initial_load
+                    if load is not None and item.load_pages and not load.copying:
+                        # Copied by a worker that lost the load since: the one holding it copies them again.
+                        admitted = Batch(
+                            tuple(r for r in admitted.records if r.load_id is None),
+                            sum(r.size_bytes for r in admitted.records if r.load_id is None),
+                        )
+                    if load is not None:
+                        load.batches_submitted += 1  # before the batch can write: the end mark must count it
                     while (
                         self.delivery.submit(admitted, item, timeout=0.2, read=item.batch) is None
                     ):  # the window is full
                         if self._hard_stop.is_set():
                             return
                         self._take_done(progress, drained)
-                    if self.initial_load is not None:
-                        self.initial_load.batches_submitted += 1
                 self._take_done(progress, drained)
                 if drained and self.queue.depth[0] == 0 and self.delivery.in_flight == 0:
                     if progress.any:

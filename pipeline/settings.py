@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from pipeline.aws import STREAM_ARN_FORM, NoRegionError, is_stream_arn, resolve_region
 from pipeline.delivery.filters import FilterSettings
 from pipeline.object_names import normalized_prefix
-from sinks.registry import SINK_TYPES, SinkConfig
+from sinks.registry import SINK_TYPES, SinkConfig, takes_snapshots_by_default
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 ENV_PREFIX = "STREAMSINK_"
@@ -389,6 +389,28 @@ class Settings(BaseSettings):
         description="`[filter]`: records no sink gets; dropped records still advance the checkpoint.",
     )
     sinks: list[SinkConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _load_reaches_the_sinks(self) -> Settings:
+        """An `event_names` filter written for changes would drop the copy's SNAPSHOT records silently."""
+        if self.source.initial_load == "none":
+            return self
+        names = self.filter.event_names
+        if names is not None and "SNAPSHOT" not in names:
+            raise ValueError(
+                f"filter.event_names = {list(names)} leaves out SNAPSHOT, so source.initial_load's items would reach "
+                'no sink; add "SNAPSHOT" to it'
+            )
+        for index, sink in enumerate(self.sinks):
+            wanted = sink.initial_load if sink.initial_load is not None else takes_snapshots_by_default(sink.type)
+            sink_names = sink.filter.event_names
+            if wanted and sink_names is not None and "SNAPSHOT" not in sink_names:
+                raise ValueError(
+                    f"sinks[{index}] ({sink.name or sink.type}): filter.event_names = {list(sink_names)} leaves out "
+                    'SNAPSHOT, so the initial load\'s items would not reach it; add "SNAPSHOT", or set '
+                    "initial_load = false on this sink"
+                )
+        return self
 
     @model_validator(mode="after")
     def _load_has_where(self) -> Settings:

@@ -410,6 +410,10 @@ class DynamoDbTableSink(Sink):
 
     def _planned(self, record: ChangeRecord) -> _Write | None:
         """The request for `record`, or None when the transform skips it. Raises PermanentSinkError."""
+        if record.load_id is not None and record.load_id != self._loading:
+            # A copy of a load this sink is not in (it finished, or was never begun here): a late copy from a worker
+            # that lost the load, which would overwrite what changes wrote since. Taken, never written.
+            return None
         sequence = SNAPSHOT_SEQUENCE if record.load_id is not None else padded_sequence(record.sequence_number)
         ddb = record.raw["dynamodb"]
         removing = record.event_name == "REMOVE"

@@ -83,3 +83,17 @@ def build_sink(settings: SinkSettings, *, region: str, endpoint_url: str | None)
     """Construct (not open) the sink for one `[[sinks]]` entry; AWS location defaults come from the source."""
     sink_type: str = getattr(settings, "type")  # noqa: B009 - every concrete settings class has it
     return _BUILDERS[sink_type](settings, settings.region or region, settings.endpoint_url or endpoint_url)
+
+
+_SINK_CLASSES: dict[str, type[Sink]] = {
+    "s3_parquet": S3ParquetSink,
+    "sqs": SqsSink,
+    "sns": SnsSink,
+    "dynamodb_table": DynamoDbTableSink,
+    "memory": MemorySink,
+}
+
+
+def takes_snapshots_by_default(sink_type: str) -> bool:
+    """Whether a sink of this type gets an initial load's SNAPSHOT records when its entry does not say."""
+    return _SINK_CLASSES[sink_type].takes_snapshots

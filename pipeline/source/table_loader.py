@@ -58,6 +58,7 @@ class TableLoader:
         self._stopping = stopping
         self._on_error = on_error
         self._pause = outage_pause_seconds
+        self._halt = threading.Event()
         self.outages = 0
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -71,6 +72,10 @@ class TableLoader:
             thread = threading.Thread(target=self._work, name=f"load-{n}", daemon=True)
             thread.start()
             self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Stop at the next page (the load was lost to another worker): no more pages are queued."""
+        self._halt.set()
 
     def join(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -86,16 +91,16 @@ class TableLoader:
             return self._todo.popleft() if self._todo else None
 
     def _work(self) -> None:
-        while not self._stopping.is_set():
+        while not self._stopping.is_set() and not self._halt.is_set():
             segment = self._next()
             if segment is None:
                 return
             progress = self._progress[segment]
             resume, next_page = progress.resume, progress.next_page
-            while not self._stopping.is_set():
+            while not self._stopping.is_set() and not self._halt.is_set():
                 try:
                     for page in self._source.pages(segment, resume, next_page):
-                        if self._stopping.is_set():
+                        if self._stopping.is_set() or self._halt.is_set():
                             return
                         self._put(page)
                         resume, next_page = page.resume, page.page + 1
@@ -116,5 +121,5 @@ class TableLoader:
                     log.error(
                         "initial load, segment %d: %s; going on from its last page in %.0fs", segment, exc, self._pause
                     )
-                    if self._stopping.wait(self._pause):
+                    if self._stopping.wait(self._pause) or self._halt.is_set():
                         return

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 from botocore.exceptions import ClientError
 
-from pipeline.errors import error_code
+from pipeline.errors import error_code, is_retryable
 from pipeline.records import to_json_bytes
 from pipeline.retry import RetryPolicy
 from pipeline.source.snapshot import SnapshotPage, SnapshotSourceError
@@ -102,6 +102,8 @@ class TableScanSource:
         try:
             table = self._retry.call("DescribeTable (initial load)", self._ddb.describe_table, TableName=self._table)
         except ClientError as exc:
+            if is_retryable(exc):
+                raise  # an outage that outlasted the retries: the copy pauses, it does not stop the pipeline
             raise SnapshotSourceError(_refusal(self._table, "DescribeTable", exc)) from exc
         description = table["Table"]
         schema = sorted(description["KeySchema"], key=lambda k: k["KeyType"] != "HASH")
@@ -129,6 +131,8 @@ class TableScanSource:
             try:
                 answer = self._retry.call(f"Scan (segment {segment})", self._ddb.scan, **request)
             except ClientError as exc:
+                if is_retryable(exc):
+                    raise  # throttling or 5xx past the retries: the segment pauses and goes on from this page
                 raise SnapshotSourceError(_refusal(self._table, "Scan", exc)) from exc
             units = float(answer.get("ConsumedCapacity", {}).get("CapacityUnits", 0.0))
             self._budget.spend(units)

@@ -82,6 +82,15 @@ class LoadStore:
     def holding(self) -> bool:
         return self._epoch is not None
 
+    @property
+    def epoch(self) -> int | None:
+        """The lease epoch this worker took the load at, while it holds it."""
+        return self._epoch
+
+    def forget(self) -> None:
+        """This worker no longer holds the load (it read the row showing another owner)."""
+        self._epoch = None
+
     def _key(self) -> dict[str, Any]:
         return {"stream": {"S": self._partition}, "shard_id": {"S": LOAD_ROW}}
 
