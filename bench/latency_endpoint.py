@@ -65,12 +65,12 @@ import time
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import unquote_plus
 from xml.sax.saxutils import escape
 
@@ -145,7 +145,7 @@ def key_schema(text: str) -> list[tuple[str, str]]:
 # --- figures -------------------------------------------------------------------------------------------------
 
 
-class _Gauge:
+class Gauge:
     """Calls in flight: now, the most at once, and the count integrated over time (its mean since `since`)."""
 
     __slots__ = ("area", "changed", "current", "peak", "since")
@@ -195,8 +195,8 @@ class _Stats:
 
     def __init__(self) -> None:
         now = time.monotonic()
-        self.overall = _Gauge(now)
-        self.gauges = {service: _Gauge(now) for service in SERVICES}
+        self.overall = Gauge(now)
+        self.gauges = {service: Gauge(now) for service in SERVICES}
         self.reset(now)
 
     def reset(self, now: float) -> None:
@@ -213,7 +213,7 @@ class _Stats:
         self.overall.add(1, now)
         gauge = self.gauges.get(service)
         if gauge is None:
-            gauge = self.gauges[service] = _Gauge(now)
+            gauge = self.gauges[service] = Gauge(now)
             self.counts[service] = {}
         gauge.add(1, now)
 
@@ -276,7 +276,7 @@ def sqs_attributes_md5(attributes: Mapping[str, Mapping[str, Any]]) -> str:
     return digest.hexdigest()
 
 
-def _service_of(request: web.BaseRequest) -> str:
+def service_of(request: web.BaseRequest) -> str:
     """The service of a SigV4-signed request: `Credential=<key>/<date>/<region>/<service>/aws4_request`."""
     authorization = request.headers.get("Authorization", "")
     start = authorization.find("Credential=")
@@ -396,7 +396,7 @@ class Endpoint:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.path.startswith("/_"):  # no bucket name starts with "_"
             return await self._control(request)
-        service = _service_of(request)
+        service = service_of(request)
         self.stats.enter(service)
         try:
             status, body, headers = await self._answer(service, request)
@@ -775,9 +775,21 @@ def _batch_refusal(ids: Sequence[str | None], fifo: bool, grouped: Sequence[bool
 
 async def serve(config: Config, host: str, port: int, *, region: str = REGION, stop_on_stdin_eof: bool = False) -> None:
     """Serve until SIGTERM / SIGINT (or, for `LatencyEndpoint`, until the parent closes stdin)."""
-    endpoint = Endpoint(config, region)
+    await serve_handler(Endpoint(config, region).handle, host, port, stop_on_stdin_eof=stop_on_stdin_eof)
+
+
+async def serve_handler(
+    handle: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+    host: str,
+    port: int,
+    *,
+    stop_on_stdin_eof: bool = False,
+) -> None:
+    """Serve `handle` on aiohttp's low-level server, print "listening http://HOST:PORT", and return on SIGTERM /
+    SIGINT, or when stdin reaches its end with `stop_on_stdin_eof` (how an `EndpointProcess` child follows its
+    parent). Shared by the endpoints in bench/."""
     # The low-level server: no router, no access log; a call costs the HTTP parse (C) and the handler.
-    server = web.Server(endpoint.handle, access_log=None)
+    server = web.Server(handle, access_log=None)
     runner = web.ServerRunner(server, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
@@ -804,24 +816,14 @@ async def serve(config: Config, host: str, port: int, *, region: str = REGION, s
 # --- the Python API: the endpoint in a child process ---------------------------------------------------------
 
 
-class LatencyEndpoint:
-    """The endpoint in a child process of its own, so its CPU does not compete with the pipeline's GIL, and its
-    control API. `start()` returns once it listens; `url` is the endpoint_url to give the sinks."""
+class EndpointProcess:
+    """An endpoint script of bench/ in a child process of its own, so its CPU does not compete with the measured
+    process's GIL, and its JSON control API. `start()` returns once the child printed "listening URL"; `url` is
+    the endpoint_url to give the clients. Subclasses say how the child is started (`command`)."""
 
-    def __init__(
-        self,
-        latency_ms: float = 0.0,
-        *,
-        entry_failure_rate: float = 0.0,
-        condition_failure_rate: float = 0.0,
-        seed: int = 0,
-        key_schema: str = DEFAULT_KEY_SCHEMA,
-        host: str = "127.0.0.1",
-        port: int = 0,
-    ) -> None:
-        self.config = Config(latency_ms, entry_failure_rate, condition_failure_rate, seed, key_schema)
-        self.config.updated({})  # a bad value fails here, not in the child
-        self._address = (host, port)
+    name = "endpoint"
+
+    def __init__(self) -> None:
         self.url = ""
         self._process: subprocess.Popen[str] | None = None
         # Never through a proxy from the environment: the endpoint is local.
@@ -829,38 +831,22 @@ class LatencyEndpoint:
 
     @property
     def pid(self) -> int:
-        assert self._process is not None, "the endpoint is not running"
+        assert self._process is not None, f"the {self.name} is not running"
         return self._process.pid
 
-    def start(self) -> LatencyEndpoint:
-        options = {"--host": self._address[0], "--port": self._address[1], "--region": REGION}
-        options.update(
-            {"--" + name.replace("_", "-"): value for name, value in dataclasses.asdict(self.config).items()}
-        )
-        command = [sys.executable, str(HERE), *(str(part) for option in options.items() for part in option)]
-        command.append("--stop-on-stdin-eof")  # a parent that dies without stop() takes the endpoint with it
-        self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    def command(self) -> list[str]:
+        """The child's command line; the child must serve with `serve_handler(..., stop_on_stdin_eof=True)`."""
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        self._process = subprocess.Popen(self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self._process.stdout is not None
         line = self._process.stdout.readline()  # "" if the child failed before listening
         if not line.startswith("listening "):
             self.stop()
-            raise RuntimeError(f"the latency endpoint did not start (it printed {line!r})")
+            raise RuntimeError(f"the {self.name} did not start (it printed {line!r})")
         self.url = line.split()[1]
         return self
-
-    def stats(self) -> dict[str, Any]:
-        """Figures since the last reset; see the module docstring."""
-        return self._call("GET", "/_stats")
-
-    def reset(self) -> None:
-        """Zero the figures and restart the failure draws from `seed`."""
-        self._call("POST", "/_reset", {})
-
-    def set(self, **changes: Any) -> dict[str, Any]:
-        """Change `Config` fields (latency_ms, entry_failure_rate, condition_failure_rate, seed, key_schema)."""
-        config = self._call("POST", "/_config", changes)
-        self.config = Config(**config)
-        return config
 
     def stop(self) -> None:
         if self._process is None:
@@ -884,16 +870,62 @@ class LatencyEndpoint:
             with self._opener.open(request, timeout=10) as response:
                 answer: dict[str, Any] = json.loads(response.read())
         except urllib.error.HTTPError as exc:
-            raise ValueError(f"latency endpoint {method} {path}: {exc.read().decode(errors='replace')}") from None
+            raise ValueError(f"{self.name} {method} {path}: {exc.read().decode(errors='replace')}") from None
         return answer
 
-    def __enter__(self) -> LatencyEndpoint:
+    def __enter__(self) -> Self:
         return self if self._process is not None else self.start()
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+class LatencyEndpoint(EndpointProcess):
+    """The endpoint in a child process of its own, so its CPU does not compete with the pipeline's GIL, and its
+    control API. `start()` returns once it listens; `url` is the endpoint_url to give the sinks."""
+
+    name = "latency endpoint"
+
+    def __init__(
+        self,
+        latency_ms: float = 0.0,
+        *,
+        entry_failure_rate: float = 0.0,
+        condition_failure_rate: float = 0.0,
+        seed: int = 0,
+        key_schema: str = DEFAULT_KEY_SCHEMA,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        super().__init__()
+        self.config = Config(latency_ms, entry_failure_rate, condition_failure_rate, seed, key_schema)
+        self.config.updated({})  # a bad value fails here, not in the child
+        self._address = (host, port)
+
+    def command(self) -> list[str]:
+        options = {"--host": self._address[0], "--port": self._address[1], "--region": REGION}
+        options.update(
+            {"--" + name.replace("_", "-"): value for name, value in dataclasses.asdict(self.config).items()}
+        )
+        command = [sys.executable, str(HERE), *(str(part) for option in options.items() for part in option)]
+        command.append("--stop-on-stdin-eof")  # a parent that dies without stop() takes the endpoint with it
+        return command
+
+    def stats(self) -> dict[str, Any]:
+        """Figures since the last reset; see the module docstring."""
+        return self._call("GET", "/_stats")
+
+    def reset(self) -> None:
+        """Zero the figures and restart the failure draws from `seed`."""
+        self._call("POST", "/_reset", {})
+
+    def set(self, **changes: Any) -> dict[str, Any]:
+        """Change `Config` fields (latency_ms, entry_failure_rate, condition_failure_rate, seed, key_schema)."""
+        config = self._call("POST", "/_config", changes)
+        self.config = Config(**config)
+        return config
 
 
 def operations_table(stats: Mapping[str, Any]) -> str:
