@@ -357,6 +357,13 @@ class InitialLoadRun:
     def _reading(self) -> bool:
         return self._loader is not None and self._loader.reading
 
+    @property
+    def read_everything(self) -> bool:
+        """Every segment's last page is queued: the commit that finishes the load need not wait for a sink's
+        buffer timer (the archive's may be a minute)."""
+        loader = self._loader
+        return self.copying and loader is not None and not loader.reading and not loader.stopped_early
+
     def _leave_load_mode(self, load_id: str) -> None:
         """No SNAPSHOT record comes any more: sinks stop keeping what only the load needed."""
         with self._lock:

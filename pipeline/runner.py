@@ -905,6 +905,7 @@ class Pipeline:
         return progress.any and (
             drained
             or bool(progress.finished)
+            or (bool(progress.load_pages) and self.initial_load is not None and self.initial_load.read_everything)
             or self._commit_soon.is_set()
             or self.delivery.flush_due(time.monotonic())
         )

@@ -54,6 +54,7 @@ class TableLoader:
         self._put = put
         """Waits for room in the queue; raises once the pipeline stops (its error goes to `on_error`)."""
         self._todo: deque[int] = deque(sorted(s for s, p in progress.items() if not p.done))
+        self._segments = len(self._todo)
         self._progress = dict(progress)
         self._stopping = stopping
         self._on_error = on_error
@@ -72,6 +73,12 @@ class TableLoader:
             thread = threading.Thread(target=self._work, name=f"load-{n}", daemon=True)
             thread.start()
             self._threads.append(thread)
+
+    @property
+    def stopped_early(self) -> bool:
+        """Stopped, failed or left segments unread: its threads ended without every segment read."""
+        with self._lock:
+            return self._halt.is_set() or len(self.segments_read) < self._segments
 
     def stop(self) -> None:
         """Stop at the next page (the load was lost to another worker): no more pages are queued."""
