@@ -45,8 +45,8 @@ Initial load
     is still that tombstone. Until then readers of the table see tombstones as items holding only the key and
     those three attributes. A copy is applied only while its load is under way in this sink (between
     `begin_initial_load` and `end_initial_load` of that load): one arriving later comes from a worker that lost the
-    load, and would undo changes. The copy overwrites what it reads; an item the target holds that the source does not is not
-    removed, so a load goes into an empty target, or one only this pipeline wrote.
+    load, and would undo changes. The copy overwrites what it reads; an item the target holds that the source does
+    not is not removed, so a load goes into an empty target, or one only this pipeline wrote.
 
 Writes
     BatchWriteItem cannot be conditional, so the choice was between one conditional PutItem/DeleteItem per
