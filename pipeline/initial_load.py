@@ -358,6 +358,12 @@ class InitialLoadRun:
         return self._loader is not None and self._loader.reading
 
     @property
+    def waiting_to_clean(self) -> bool:
+        """Finished and held here, the clean-up not begun: each heartbeat read may be the one it waits for."""
+        state = self.state
+        return state is not None and state.phase == "finished" and self.store.holding and self._cleaning is None
+
+    @property
     def read_everything(self) -> bool:
         """Every segment's last page is queued: the commit that finishes the load need not wait for a sink's
         buffer timer (the archive's may be a minute)."""
@@ -448,6 +454,9 @@ class InitialLoadRun:
             state.owner,
             eta,
             rate,
+            state.started_at,
+            state.finished_at,
+            state.done_at,
         )
 
     # -- retention (the discovery thread) -----------------------------------------------------------------------

@@ -553,7 +553,7 @@ class Pipeline:
         throttled table) must never make this worker look gone to its peers."""
         while not self._stopping.wait(self.settings.lease.heartbeat):
             try:
-                if self._heartbeat():
+                if self._heartbeat() or (self.initial_load is not None and self.initial_load.waiting_to_clean):
                     self._request_pass()
                 self.heartbeat_failing_since = None
             except ShutdownInterruptedError:

@@ -331,6 +331,10 @@ class LoadReport:
     owner: str | None
     eta_seconds: float | None
     items_per_second: float | None
+    started_at: str | None = None
+    finished_at: str | None = None
+    """When every item was delivered (ISO 8601): the copy's own end, before the clean-up."""
+    done_at: str | None = None
 
 
 def report_of(state: LoadState, now: datetime | None = None) -> LoadReport:
@@ -353,6 +357,9 @@ def report_of(state: LoadState, now: datetime | None = None) -> LoadReport:
         state.owner,
         eta,
         rate,
+        state.started_at,
+        state.finished_at,
+        state.done_at,
     )
 
 
@@ -370,4 +377,7 @@ def load_report_json(report: LoadReport | None) -> dict[str, Any] | None:
         "owner": report.owner,
         "eta_seconds": None if report.eta_seconds is None else round(report.eta_seconds, 1),
         "items_per_second": None if report.items_per_second is None else round(report.items_per_second, 1),
+        "started_at": report.started_at,
+        "finished_at": report.finished_at,
+        "done_at": report.done_at,
     }
