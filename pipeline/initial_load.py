@@ -93,6 +93,7 @@ class InitialLoadRun:
         self._request_pass = request_pass
         self._coordination_read_at = coordination_read_at
         self._finish_seen_at: float | None = None
+        self._finish_lock = threading.Lock()
         """When (monotonic) this worker knew the load finished: a clean-up needs a heartbeat read sent after it,
         so that every worker that may still be in load mode (it read `loading` before the finish) is in it."""
         self.state: LoadState | None = None
@@ -322,12 +323,16 @@ class InitialLoadRun:
 
     def _finish(self, load_id: str) -> None:
         """Every segment is committed: the load is `finished` (a failure here is retried by the next start or
-        pass, which find every segment done)."""
-        try:
-            self.store.finish()
-        except LoadLostError as exc:
-            self._lost(str(exc))
-            return
+        pass, which find every segment done). The delivery thread's commit and a pass may both get here."""
+        with self._finish_lock:
+            if self._finish_seen_at is not None:
+                return
+            try:
+                self.store.finish()
+            except LoadLostError as exc:
+                self._lost(str(exc))
+                return
+            self._finish_seen_at = time.monotonic()
         log.info(
             "initial load %s finished: %d item(s) delivered to every sink",
             load_id,
@@ -336,7 +341,6 @@ class InitialLoadRun:
         with self._lock:
             self.state = self.store.read()
         self._leave_load_mode(load_id)
-        self._finish_seen_at = time.monotonic()
         self._request_pass()
 
     def _lost(self, why: str) -> None:
