@@ -25,7 +25,10 @@ from tests.fault_proxy import FaultProxy
 from tests.test_crash_safety import StreamsinkProcess, write_config
 from tests.test_initial_load import put, raw_replica, scan_all, table_from_archive
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.xdist_group("workers"),
+]  # not beside the worker tests: both are timing-bound processes
 
 ITEMS = 600
 SEGMENTS = 3
