@@ -319,8 +319,11 @@ def test_a_paused_worker_cannot_move_a_checkpoint_it_lost_and_the_replica_ends_e
 
     try:
         churn(60, 0)
-        lost = running.held()["paused"]
         paused.signal(signal.SIGSTOP)
+        # What it holds once stopped: read before the signal, a take it was making then (the balance still
+        # settling under a loaded machine) would be missing from the list. A write it had sent lands first.
+        time.sleep(0.5)
+        lost = running.held()["paused"]
         churn(60, 60)  # while it sleeps: its shards' changes wait for a new owner
         wait_until(
             lambda: sorted(running.held().get("awake", [])) == sorted(stream.open_shard_ids()),
