@@ -23,6 +23,7 @@ while the load runs stops the pipeline with an error naming it, before anything 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -239,19 +240,32 @@ class InitialLoadRun:
                 self.store.set_estimate(source.estimated_items)
                 with self._lock:
                     self.state = _replace_estimate(self.state or state, source.estimated_items)
+            # The progress and the hold as they are now: the load may have been lost, or lost and taken again,
+            # while this thread waited for an export or an outage.
+            current = self.store.read()
+            hold = self.store.epoch
+            if current is None or hold is None or current.owner != self.worker_id or current.lease_epoch != hold:
+                return
+            self._committed = dict(current.progress)
             self._rate_start = (self._clients.stream_now(), sum(p.items for p in self._committed.values()))
             if all(p.done for p in self._committed.values()):
                 self._finish(state.load_id)  # committed to the end before, and the finish was not written then
                 return
+
+            def put(page: SnapshotPage) -> None:
+                self._put(dataclasses.replace(page, hold=hold))
+
             loader = TableLoader(
                 source,
-                self._put,
+                put,
                 self._committed,
                 stopping=self._stopping,
                 on_error=self._copy_failed,
             )
             self._loader = loader
             loader.start()
+            if self.store.epoch != hold:  # lost while the loader was being made
+                loader.stop()
         except ShutdownInterruptedError:
             return
         except LoadLostError as exc:
@@ -300,15 +314,21 @@ class InitialLoadRun:
 
     # -- commits (the delivery thread) ------------------------------------------------------------------------
 
-    def commit(self, pages: Mapping[int, tuple[str | None, int, int]]) -> bool:
+    def commit(self, pages: Mapping[int, tuple[str | None, int, int, int]]) -> bool:
         """Segments moved forward by batches every sink took and flushed; True when this made the load finished
-        (every SNAPSHOT record is delivered)."""
-        if not pages or not self.store.holding:
+        (every SNAPSHOT record is delivered). Pages read under an earlier hold of the load (it was lost, then taken
+        again) move nothing: the copy of this hold reads from the progress it found."""
+        hold = self.store.epoch
+        if not pages or hold is None:
             return False
         moved: dict[int, SegmentProgress] = {}
-        for segment, (resume, next_page, items) in pages.items():
+        for segment, (resume, next_page, items, read_under) in pages.items():
+            if read_under != hold:
+                continue
             before = self._committed.get(segment, SegmentProgress())
             moved[segment] = SegmentProgress(resume, next_page, before.items + items, resume is None)
+        if not moved:
+            return False
         try:
             self.store.save(moved)
         except LoadLostError as exc:
@@ -331,6 +351,11 @@ class InitialLoadRun:
                 self.store.finish()
             except LoadLostError as exc:
                 self._lost(str(exc))
+                return
+            except ShutdownInterruptedError:
+                return
+            except Exception as exc:  # the checkpoint table is out past the retries: the next pass tries again
+                log.error("initial load %s: writing its finish failed, trying again at the next pass: %s", load_id, exc)
                 return
             self._finish_seen_at = time.monotonic()
         log.info(

@@ -862,16 +862,10 @@ class Pipeline:
                     admitted = self.record_filter.select(item.batch)
                     self.stats.filtered += len(item.batch) - len(admitted)
                     load = self.initial_load
-                    if load is not None and item.load_pages and not load.copying:
-                        # Copied by a worker that lost the load since: the one holding it copies them again.
-                        admitted = Batch(
-                            tuple(r for r in admitted.records if r.load_id is None),
-                            sum(r.size_bytes for r in admitted.records if r.load_id is None),
-                        )
                     if load is not None:
                         load.batches_submitted += 1  # before the batch can write: the end mark must count it
                     while (
-                        self.delivery.submit(admitted, item, timeout=0.2, read=item.batch) is None
+                        self.delivery.submit(self._still_ours(admitted), item, timeout=0.2, read=item.batch) is None
                     ):  # the window is full
                         if self._hard_stop.is_set():
                             return
@@ -885,6 +879,15 @@ class Pipeline:
             self._fail(exc)
             self.delivery.stop()
             self.queue.close()  # nobody drains it any more: release readers waiting to put
+
+    def _still_ours(self, batch: Batch) -> Batch:
+        """The batch without its copies once this worker lost the load (checked at every try to submit: the
+        window may be full while the load moves on). The worker holding it now copies those items again."""
+        load = self.initial_load
+        if load is None or load.copying or all(r.load_id is None for r in batch.records):
+            return batch
+        kept = tuple(r for r in batch.records if r.load_id is None)
+        return Batch(kept, sum(r.size_bytes for r in kept))
 
     def _take_done(self, progress: _Uncommitted, drained: bool) -> None:
         """Fold in the batches every sink has taken, in order, and commit when it is due."""
@@ -1052,8 +1055,8 @@ class _Uncommitted:
     positions: dict[str, str] = field(default_factory=dict)
     finished: set[str] = field(default_factory=set)
     record_times: dict[str, datetime] = field(default_factory=dict)
-    load_pages: dict[int, tuple[str | None, int, int]] = field(default_factory=dict)
-    """Initial-load segment -> (resume token, next page, items of its pages done since the last commit)."""
+    load_pages: dict[int, tuple[str | None, int, int, int]] = field(default_factory=dict)
+    """Initial-load segment -> (resume token, next page, items of its pages done since the last commit, hold)."""
     records: int = 0
     """Records read in these batches, the pipeline filter's leftovers included."""
     delivered: int = 0
@@ -1069,9 +1072,10 @@ class _Uncommitted:
         self.record_times.update(
             (r.shard_id, r.approximate_creation_time) for r in item.batch.records if r.load_id is None
         )
-        for segment, (resume, next_page, items) in item.load_pages.items():
+        for segment, (resume, next_page, items, hold) in item.load_pages.items():
             earlier = self.load_pages.get(segment)
-            self.load_pages[segment] = (resume, next_page, items + (earlier[2] if earlier is not None else 0))
+            before = earlier[2] if earlier is not None and earlier[3] == hold else 0
+            self.load_pages[segment] = (resume, next_page, items + before, hold)
         self.finished |= item.finished_shards
         self.records += len(item.batch)
         self.delivered += len(ticket.batch)

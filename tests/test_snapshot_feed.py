@@ -154,7 +154,7 @@ def test_only_the_batch_holding_a_pages_last_item_moves_its_segment(limits: dict
     batches = _all(assembler, assembler.add(loaded))
 
     assert [len(b.batch) for b in batches] == sizes
-    assert [b.load_pages for b in batches] == [{}] * (len(sizes) - 1) + [{2: ("token-after-page-3", 4, 5)}]
+    assert [b.load_pages for b in batches] == [{}] * (len(sizes) - 1) + [{2: ("token-after-page-3", 4, 5, 0)}]
     records = [r for b in batches for r in b.batch.records]
     assert [r.new_image for r in records] == [
         {"pk": f"customer#{n}", "sk": f"order#{n}", "amount": n} for n in range(5)
@@ -171,8 +171,8 @@ def test_a_segments_pages_count_only_their_own_items_in_the_batch_that_completes
     batches = _all(assembler, assembler.add(first) + assembler.add(second) + assembler.add(other))
 
     assert [len(b.batch) for b in batches] == [4, 3]
-    assert batches[0].load_pages == {0: ("after-0", 1, 3)}
-    assert batches[1].load_pages == {0: ("after-1", 2, 3), 1: (None, 6, 1)}
+    assert batches[0].load_pages == {0: ("after-0", 1, 3, 0)}
+    assert batches[1].load_pages == {0: ("after-1", 2, 3, 0), 1: (None, 6, 1, 0)}
 
 
 def test_two_pages_of_a_segment_ending_in_one_batch_add_up() -> None:
@@ -180,7 +180,7 @@ def test_two_pages_of_a_segment_ending_in_one_batch_add_up() -> None:
     assembler.add(_page(0, range(2), page_number=0, resume="after-0"))
     assembler.add(_page(0, range(2, 5), page_number=1, resume="after-1"))
     (batch,) = _all(assembler, [])
-    assert batch.load_pages == {0: ("after-1", 2, 5)}
+    assert batch.load_pages == {0: ("after-1", 2, 5, 0)}
 
 
 def test_an_empty_page_still_yields_a_batch_that_moves_its_segment() -> None:
@@ -193,7 +193,7 @@ def test_an_empty_page_still_yields_a_batch_that_moves_its_segment() -> None:
     closed = assembler.close()
     assert closed is not None
     assert len(closed.batch) == 0
-    assert closed.load_pages == {3: (None, 8, 0)}
+    assert closed.load_pages == {3: (None, 8, 0, 0)}
 
 
 # --- load pages leave the stream room in the queue --------------------------------------------------------
@@ -264,3 +264,16 @@ def test_a_load_page_waits_while_the_queue_is_half_full_and_a_stream_page_still_
     assert load_put.done()
     assert queue.depth[0] == 5
     assert queue.get(timeout=1) is not None and queue.get(timeout=1) is loaded
+
+
+def test_pages_of_an_earlier_hold_do_not_add_their_items_to_a_later_holds_position() -> None:
+    """A load lost and taken back: a batch may end a page read under the old hold and one read under the new;
+    the position is the later page's, and only the new hold's items count (the old one's commit is refused)."""
+    assembler = BatchAssembler(BatchSettings(max_records=100), "orders")
+    assembler.expect_load("load-1", ("pk",), None)
+    old = SnapshotPage(0, tuple({"pk": {"S": f"a{n}"}} for n in range(3)), 30, "after-old", 4, 1.0, hold=1)
+    new = SnapshotPage(0, tuple({"pk": {"S": f"b{n}"}} for n in range(2)), 20, "after-new", 4, 1.0, hold=3)
+    assembler.add(old)
+    assembler.add(new)
+    closed = assembler.close()
+    assert closed is not None and closed.load_pages == {0: ("after-new", 5, 2, 3)}

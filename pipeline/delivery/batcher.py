@@ -94,9 +94,10 @@ class ClosedBatch:
     batch: Batch
     positions: dict[str, str]
     finished_shards: frozenset[str]
-    load_pages: dict[int, tuple[str | None, int, int]] = field(default_factory=dict)
-    """Initial-load segment -> (resume token, next page, items) of its pages whose last item is in this batch or an
-    earlier one: committing the batch moves the segment there (items counts those pages' items)."""
+    load_pages: dict[int, tuple[str | None, int, int, int]] = field(default_factory=dict)
+    """Initial-load segment -> (resume token, next page, items, hold) of its pages whose last item is in this batch
+    or an earlier one: committing the batch moves the segment there (items counts those pages' items; `hold` is the
+    load's lease epoch they were read under)."""
 
 
 @dataclass
@@ -105,11 +106,18 @@ class _OpenBatch:
     size_bytes: int = 0
     positions: dict[str, str] = field(default_factory=dict)
     finished: set[str] = field(default_factory=set)
-    load_pages: dict[int, tuple[str | None, int, int]] = field(default_factory=dict)
+    load_pages: dict[int, tuple[str | None, int, int, int]] = field(default_factory=dict)
     opened_at: float | None = None
 
     def empty(self) -> bool:
         return not self.records and not self.finished and not self.load_pages
+
+
+def _moved_on(earlier: tuple[str | None, int, int, int] | None, page: SnapshotPage) -> tuple[str | None, int, int, int]:
+    """A segment's position after `page`, counting the items of its earlier pages in the same batch (of the same
+    hold: a page read under an earlier hold of the load counts for nothing now)."""
+    before = earlier[2] if earlier is not None and earlier[3] == page.hold else 0
+    return (page.resume, page.page + 1, before + len(page.items), page.hold)
 
 
 class BatchAssembler:
@@ -161,17 +169,14 @@ class BatchAssembler:
             current.records.append(record)
             current.size_bytes += record.size_bytes
             if index == len(page.items) - 1:  # the page is whole once this batch commits
-                earlier = current.load_pages.get(page.segment)
-                items = len(page.items) + (earlier[2] if earlier is not None else 0)
-                current.load_pages[page.segment] = (page.resume, page.page + 1, items)
+                current.load_pages[page.segment] = _moved_on(current.load_pages.get(page.segment), page)
             if len(current.records) >= self._settings.max_records or current.size_bytes >= self._settings.max_bytes:
                 closed.append(self._close())
         if not page.items:
             current = self._open
             if current.opened_at is None:
                 current.opened_at = self._clock()
-            earlier = current.load_pages.get(page.segment)
-            current.load_pages[page.segment] = (page.resume, page.page + 1, earlier[2] if earlier is not None else 0)
+            current.load_pages[page.segment] = _moved_on(current.load_pages.get(page.segment), page)
         return closed
 
     def add(self, page: QueuedPage) -> list[ClosedBatch]:

@@ -31,6 +31,8 @@ class SnapshotPage:
     """When the items were read (epoch seconds): the moment of the Scan call, an export's ExportTime."""
     read_units: float = 0.0
     """Read capacity the page consumed (0 for an export, which consumes none)."""
+    hold: int = 0
+    """The lease epoch of the load under which the page was read: progress is committed only under that hold."""
 
 
 class SnapshotSource(Protocol):
