@@ -194,12 +194,24 @@ class InitialLoadRun:
             and not self._reading
         ):
             self._finish(state.load_id)  # every segment was committed, and then the finish was not written
+        elif self.store.holding and state.phase == "loading" and not self._copy_under_way():
+            # Held, and nothing copies: a take whose copy thread was still ending (a lost hold's), or whose read
+            # after the take failed. The copy starts from the committed progress under this hold.
+            self._start_copy(state)
         if state.phase == "finished":
             self._leave_load_mode(state.load_id)
             if self._finish_seen_at is None:
                 self._finish_seen_at = time.monotonic()
             if self.store.holding and self._everyone_ended(state.load_id):
                 self._start_clean_up(state.load_id)
+
+    def _copy_under_way(self) -> bool:
+        """A copy thread is preparing, or a loader is reading or has queued every segment (its last pages may
+        still be committing: a second copy would move their segments back)."""
+        if self._stopping.is_set() or (self._thread is not None and self._thread.is_alive()):
+            return True
+        loader = self._loader
+        return loader is not None and (loader.reading or not loader.stopped_early)
 
     @property
     def worker_id(self) -> str:
@@ -208,9 +220,9 @@ class InitialLoadRun:
     def _start_copy(self, state: LoadState) -> None:
         if self._thread is not None and self._thread.is_alive():
             return
-        if self._loader is not None:  # of an earlier hold of this load: it must not feed this one
+        if self._loader is not None:  # of an earlier hold of this load: its pages commit nothing under this one
             self._loader.stop()
-            self._loader.join(30.0)
+            self._loader.join(5.0)
             self._loader = None
         self._committed = dict(state.progress)
         if any(p.next_page for p in state.progress.values()):

@@ -1074,6 +1074,8 @@ class _Uncommitted:
         )
         for segment, (resume, next_page, items, hold) in item.load_pages.items():
             earlier = self.load_pages.get(segment)
+            if earlier is not None and earlier[3] > hold:
+                continue  # a late batch of an earlier hold: the later hold's position stands
             before = earlier[2] if earlier is not None and earlier[3] == hold else 0
             self.load_pages[segment] = (resume, next_page, items + before, hold)
         self.finished |= item.finished_shards

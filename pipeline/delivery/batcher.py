@@ -116,6 +116,8 @@ class _OpenBatch:
 def _moved_on(earlier: tuple[str | None, int, int, int] | None, page: SnapshotPage) -> tuple[str | None, int, int, int]:
     """A segment's position after `page`, counting the items of its earlier pages in the same batch (of the same
     hold: a page read under an earlier hold of the load counts for nothing now)."""
+    if earlier is not None and earlier[3] > page.hold:
+        return earlier  # a late page of an earlier hold: the later hold's position stands
     before = earlier[2] if earlier is not None and earlier[3] == page.hold else 0
     return (page.resume, page.page + 1, before + len(page.items), page.hold)
 
