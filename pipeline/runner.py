@@ -21,7 +21,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.aws import AwsClients
-from pipeline.delivery.batcher import BatchAssembler, BoundedQueue, ClosedBatch, QueueClosedError, page_records
+from pipeline.delivery.batcher import (
+    BatchAssembler,
+    BoundedQueue,
+    ClosedBatch,
+    LoadPosition,
+    QueueClosedError,
+    moved_on,
+    page_records,
+)
 from pipeline.delivery.dead_letter import build_dead_letters
 from pipeline.delivery.driver import Delivery, Ticket
 from pipeline.delivery.feed import SinkFeed
@@ -1055,8 +1063,8 @@ class _Uncommitted:
     positions: dict[str, str] = field(default_factory=dict)
     finished: set[str] = field(default_factory=set)
     record_times: dict[str, datetime] = field(default_factory=dict)
-    load_pages: dict[int, tuple[str | None, int, int, int]] = field(default_factory=dict)
-    """Initial-load segment -> (resume token, next page, items of its pages done since the last commit, hold)."""
+    load_pages: dict[int, LoadPosition] = field(default_factory=dict)
+    """Initial-load segment -> where its pages done since the last commit move it."""
     records: int = 0
     """Records read in these batches, the pipeline filter's leftovers included."""
     delivered: int = 0
@@ -1072,12 +1080,8 @@ class _Uncommitted:
         self.record_times.update(
             (r.shard_id, r.approximate_creation_time) for r in item.batch.records if r.load_id is None
         )
-        for segment, (resume, next_page, items, hold) in item.load_pages.items():
-            earlier = self.load_pages.get(segment)
-            if earlier is not None and earlier[3] > hold:
-                continue  # a late batch of an earlier hold: the later hold's position stands
-            before = earlier[2] if earlier is not None and earlier[3] == hold else 0
-            self.load_pages[segment] = (resume, next_page, items + before, hold)
+        for segment, position in item.load_pages.items():
+            self.load_pages[segment] = moved_on(self.load_pages.get(segment), position)
         self.finished |= item.finished_shards
         self.records += len(item.batch)
         self.delivered += len(ticket.batch)

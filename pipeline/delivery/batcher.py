@@ -87,6 +87,11 @@ class BoundedQueue:
             return self._records, self._bytes
 
 
+LoadPosition = tuple[str | None, int, int, int]
+"""An initial-load segment's position: (resume token, next page, items of the pages done, the hold they were read
+under: the load's lease epoch)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ClosedBatch:
     """A batch for the sinks plus what committing it means for checkpoints."""
@@ -94,10 +99,9 @@ class ClosedBatch:
     batch: Batch
     positions: dict[str, str]
     finished_shards: frozenset[str]
-    load_pages: dict[int, tuple[str | None, int, int, int]] = field(default_factory=dict)
-    """Initial-load segment -> (resume token, next page, items, hold) of its pages whose last item is in this batch
-    or an earlier one: committing the batch moves the segment there (items counts those pages' items; `hold` is the
-    load's lease epoch they were read under)."""
+    load_pages: dict[int, LoadPosition] = field(default_factory=dict)
+    """Initial-load segment -> where committing the batch moves it: its pages whose last item is in this batch or
+    an earlier one (items counts those pages' items)."""
 
 
 @dataclass
@@ -106,20 +110,21 @@ class _OpenBatch:
     size_bytes: int = 0
     positions: dict[str, str] = field(default_factory=dict)
     finished: set[str] = field(default_factory=set)
-    load_pages: dict[int, tuple[str | None, int, int, int]] = field(default_factory=dict)
+    load_pages: dict[int, LoadPosition] = field(default_factory=dict)
     opened_at: float | None = None
 
     def empty(self) -> bool:
         return not self.records and not self.finished and not self.load_pages
 
 
-def _moved_on(earlier: tuple[str | None, int, int, int] | None, page: SnapshotPage) -> tuple[str | None, int, int, int]:
-    """A segment's position after `page`, counting the items of its earlier pages in the same batch (of the same
-    hold: a page read under an earlier hold of the load counts for nothing now)."""
-    if earlier is not None and earlier[3] > page.hold:
-        return earlier  # a late page of an earlier hold: the later hold's position stands
-    before = earlier[2] if earlier is not None and earlier[3] == page.hold else 0
-    return (page.resume, page.page + 1, before + len(page.items), page.hold)
+def moved_on(earlier: LoadPosition | None, later: LoadPosition) -> LoadPosition:
+    """A segment's position after `later` (pages done after `earlier`): the items of both count when they were read
+    under the same hold of the load; one read under an earlier hold counts for nothing, and a late one of an earlier
+    hold leaves the later hold's position as it is."""
+    if earlier is not None and earlier[3] > later[3]:
+        return earlier
+    before = earlier[2] if earlier is not None and earlier[3] == later[3] else 0
+    return (later[0], later[1], before + later[2], later[3])
 
 
 class BatchAssembler:
@@ -163,23 +168,39 @@ class BatchAssembler:
                 stream_arn=self._stream_arn,
                 region=region,
             )
-            if self._open.records and self._open.size_bytes + record.size_bytes > self._settings.max_bytes:
-                closed.append(self._close())
-            current = self._open
-            if current.opened_at is None:
-                current.opened_at = self._clock()
-            current.records.append(record)
-            current.size_bytes += record.size_bytes
+            current = self._joined(record, closed)
             if index == len(page.items) - 1:  # the page is whole once this batch commits
-                current.load_pages[page.segment] = _moved_on(current.load_pages.get(page.segment), page)
-            if len(current.records) >= self._settings.max_records or current.size_bytes >= self._settings.max_bytes:
-                closed.append(self._close())
+                self._page_done(current, page)
+            self._close_if_full(closed)
         if not page.items:
-            current = self._open
-            if current.opened_at is None:
-                current.opened_at = self._clock()
-            current.load_pages[page.segment] = _moved_on(current.load_pages.get(page.segment), page)
+            self._page_done(self._opened(), page)
         return closed
+
+    @staticmethod
+    def _page_done(current: _OpenBatch, page: SnapshotPage) -> None:
+        position = (page.resume, page.page + 1, len(page.items), page.hold)
+        current.load_pages[page.segment] = moved_on(current.load_pages.get(page.segment), position)
+
+    def _opened(self) -> _OpenBatch:
+        """The open batch, its age counted from now if it was empty."""
+        if self._open.opened_at is None:
+            self._open.opened_at = self._clock()
+        return self._open
+
+    def _joined(self, record: ChangeRecord, closed: list[ClosedBatch]) -> _OpenBatch:
+        """Add `record` to the open batch, closing that first if the record would take it past max_bytes (a
+        ceiling: a sink may have a hard size cap); returns the batch it joined."""
+        if self._open.records and self._open.size_bytes + record.size_bytes > self._settings.max_bytes:
+            closed.append(self._close())
+        current = self._opened()
+        current.records.append(record)
+        current.size_bytes += record.size_bytes
+        return current
+
+    def _close_if_full(self, closed: list[ClosedBatch]) -> None:
+        current = self._open
+        if len(current.records) >= self._settings.max_records or current.size_bytes >= self._settings.max_bytes:
+            closed.append(self._close())
 
     def add(self, page: QueuedPage) -> list[ClosedBatch]:
         if isinstance(page, SnapshotPage):
@@ -189,21 +210,11 @@ class BatchAssembler:
             record = change_record_from_stream(
                 raw, table=self._table, shard_id=page.shard_id, stream_arn=self._stream_arn
             )
-            if self._open.records and self._open.size_bytes + record.size_bytes > self._settings.max_bytes:
-                closed.append(self._close())  # max_bytes is a ceiling: a sink may have a hard size cap
-            current = self._open
-            if current.opened_at is None:
-                current.opened_at = self._clock()
-            current.records.append(record)
-            current.size_bytes += record.size_bytes
-            current.positions[page.shard_id] = record.sequence_number
-            if len(current.records) >= self._settings.max_records or current.size_bytes >= self._settings.max_bytes:
-                closed.append(self._close())
+            self._joined(record, closed).positions[page.shard_id] = record.sequence_number
+            self._close_if_full(closed)
         if page.end_of_shard:
             # The shard's last records are in this batch or an earlier one, so it is finished once this commits.
-            self._open.finished.add(page.shard_id)
-            if self._open.opened_at is None:
-                self._open.opened_at = self._clock()
+            self._opened().finished.add(page.shard_id)
         return closed
 
     def due(self) -> bool:
