@@ -40,7 +40,15 @@ from pipeline.source.table_export import TableExportSource
 from pipeline.source.table_loader import OUTAGE_PAUSE_SECONDS, TableLoader
 from pipeline.source.table_scan import ReadBudget, TableScanSource
 from pipeline.state.leases import LeaseCoordinator
-from pipeline.state.load_progress import LoadLostError, LoadReport, LoadState, LoadStore, SegmentProgress
+from pipeline.state.load_progress import (
+    LoadLostError,
+    LoadReport,
+    LoadState,
+    LoadStore,
+    SegmentProgress,
+    eta_seconds,
+    report_of,
+)
 from sinks.base import Sink
 
 log = logging.getLogger(__name__)
@@ -251,7 +259,7 @@ class InitialLoadRun:
             if source.estimated_items is not None and source.estimated_items != state.estimated_items:
                 self.store.set_estimate(source.estimated_items)
                 with self._lock:
-                    self.state = _replace_estimate(self.state or state, source.estimated_items)
+                    self.state = dataclasses.replace(self.state or state, estimated_items=source.estimated_items)
             # The progress and the hold as they are now: the load may have been lost, or lost and taken again,
             # while this thread waited for an export or an outage.
             current = self.store.read()
@@ -295,7 +303,6 @@ class InitialLoadRun:
 
     def _source(self, state: LoadState) -> SnapshotSource:
         load = self._settings.initial_load
-        dynamodb = self._clients.client("dynamodb")
         if state.mode == "scan":
             return TableScanSource(
                 dynamodb=self._clients.scan_client(),
@@ -308,7 +315,7 @@ class InitialLoadRun:
             )
         s3 = self._clients.client("s3", region=load.s3_region, endpoint_url=load.s3_endpoint_url)
         return TableExportSource(
-            dynamodb=dynamodb,
+            dynamodb=self._clients.client("dynamodb"),
             s3=s3,
             table_arn=self._table_arn,
             bucket=load.export_bucket,
@@ -468,37 +475,20 @@ class InitialLoadRun:
     # -- what it looks like ------------------------------------------------------------------------------------
 
     def report(self) -> LoadReport | None:
+        """The load as this worker sees it: the progress it holds, the rate it copies at (on the stream's clock);
+        a worker that does not copy shows the row and no rate."""
         state = self.state
         if state is None:
             return None
         holding = self.store.holding
-        items = sum(p.items for p in self._committed.values()) if holding and self._committed else state.items
-        done = (
-            sum(1 for p in self._committed.values() if p.done) if holding and self._committed else state.segments_done
-        )
-        rate = eta = None
+        live = dataclasses.replace(state, progress=dict(self._committed)) if holding and self._committed else state
+        rate = None
         if holding and self._rate_start is not None and state.phase == "loading":
             started, items_then = self._rate_start
             elapsed = self._clients.stream_now() - started
-            if elapsed > 0 and items > items_then:
-                rate = (items - items_then) / elapsed
-                if state.estimated_items is not None:
-                    eta = max(0.0, state.estimated_items - items) / rate
-        return LoadReport(
-            state.load_id,
-            state.mode,
-            state.phase,
-            items,
-            state.estimated_items,
-            state.segments,
-            done,
-            state.owner,
-            eta,
-            rate,
-            state.started_at,
-            state.finished_at,
-            state.done_at,
-        )
+            if elapsed > 0 and live.items > items_then:
+                rate = (live.items - items_then) / elapsed
+        return dataclasses.replace(report_of(live), items_per_second=rate, eta_seconds=eta_seconds(live, rate))
 
     # -- retention (the discovery thread) -----------------------------------------------------------------------
 
@@ -570,12 +560,6 @@ class InitialLoadRun:
             self.store.release()
         except Exception as exc:
             log.warning("releasing the initial load failed (a peer takes it after lease.failover_seconds): %s", exc)
-
-
-def _replace_estimate(state: LoadState, items: int) -> LoadState:
-    from dataclasses import replace
-
-    return replace(state, estimated_items=items)
 
 
 def _rate(per_second: float | None) -> str:

@@ -14,7 +14,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 from pipeline.errors import is_retryable
 from pipeline.retry import ShutdownInterruptedError
@@ -30,13 +29,6 @@ MAX_SEGMENT_THREADS = 32
 OUTAGE_PAUSE_SECONDS = 30.0
 """After a segment's retries ran out on an outage (throttling, 5xx, no connection): the pause before it goes on
 from the last page it queued. An outage of the table slows the copy; it never stops the pipeline."""
-
-
-@dataclass
-class LoadCounters:
-    pages_read: int = 0
-    items_read: int = 0
-    read_units: float = 0.0
 
 
 class TableLoader:
@@ -63,7 +55,6 @@ class TableLoader:
         self.outages = 0
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
-        self.counters = LoadCounters()
         self.segments_read: set[int] = set()
         """Segments whose last page is queued (not yet committed)."""
 
@@ -111,11 +102,8 @@ class TableLoader:
                             return
                         self._put(page)
                         resume, next_page = page.resume, page.page + 1
-                        with self._lock:
-                            self.counters.pages_read += 1
-                            self.counters.items_read += len(page.items)
-                            self.counters.read_units += page.read_units
-                            if page.resume is None:
+                        if page.resume is None:
+                            with self._lock:
                                 self.segments_read.add(segment)
                     break
                 except ShutdownInterruptedError:

@@ -88,7 +88,6 @@ class TableScanSource:
         self._wall_clock = wall_clock
         self.key_names: tuple[str, ...] = ()
         self._estimated: int | None = None
-        self.table_bytes: int | None = None
 
     @property
     def segments(self) -> int:
@@ -108,9 +107,8 @@ class TableScanSource:
         description = table["Table"]
         schema = sorted(description["KeySchema"], key=lambda k: k["KeyType"] != "HASH")
         self.key_names = tuple(k["AttributeName"] for k in schema)
-        # ItemCount and TableSizeBytes are refreshed about every six hours: good for an ETA, not for a check.
+        # ItemCount is refreshed about every six hours: good for an ETA, not for a check.
         self._estimated = int(description.get("ItemCount", 0)) or None
-        self.table_bytes = int(description.get("TableSizeBytes", 0)) or None
 
     def pages(self, segment: int, resume: str | None, first_page: int) -> Iterator[SnapshotPage]:
         request: dict[str, Any] = {

@@ -337,15 +337,21 @@ class LoadReport:
     done_at: str | None = None
 
 
+def eta_seconds(state: LoadState, rate: float | None) -> float | None:
+    """Seconds until the items expected are copied, at `rate` items a second; None when either is unknown."""
+    if not rate or state.estimated_items is None:
+        return None
+    return max(0.0, state.estimated_items - state.items) / rate
+
+
 def report_of(state: LoadState, now: datetime | None = None) -> LoadReport:
     """A report from the row alone (`streamsink status`, another process): the rate over the whole load so far."""
-    rate = eta = None
+    rate = None
     if state.phase == "loading" and state.started_at and state.items:
         elapsed = ((now or datetime.now(UTC)) - datetime.fromisoformat(state.started_at)).total_seconds()
         if elapsed > 0:
             rate = state.items / elapsed
-            if state.estimated_items is not None:
-                eta = max(0.0, state.estimated_items - state.items) / rate
+    eta = eta_seconds(state, rate)
     return LoadReport(
         state.load_id,
         state.mode,
