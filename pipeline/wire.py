@@ -114,12 +114,18 @@ def _wire_record(record: _Record) -> WireRecord:
     )
 
 
+def _successful_body(response_dict: dict[str, Any]) -> bytes | bytearray | None:
+    """The body of a 2xx answer that has one; None leaves the answer (an error's above all) to botocore."""
+    if response_dict.get("status_code", 500) >= 300:
+        return None
+    body = response_dict.get("body")
+    return body if isinstance(body, bytes | bytearray) and body else None
+
+
 def parse_get_records(response_dict: dict[str, Any], customized_response_dict: dict[str, Any], **_: Any) -> None:
     """The `before-parse` handler. Anything it does not recognise it leaves for botocore to parse as usual."""
-    if response_dict.get("status_code", 500) >= 300:
-        return
-    body = response_dict.get("body")
-    if not isinstance(body, bytes | bytearray) or not body:
+    body = _successful_body(response_dict)
+    if body is None:
         return
     try:
         # msgspec checks UTF-8 in the strings it decodes but not inside a Raw span; this is what orjson would refuse.
@@ -191,10 +197,8 @@ def parse_scan(response_dict: dict[str, Any], customized_response_dict: dict[str
     1 MB page costs one pass of msgspec instead of botocore's walk over every value, and its items about the
     memory of their text instead of ten times that as objects. LastEvaluatedKey and ConsumedCapacity are left to
     botocore (a key goes back as ExclusiveStartKey, binary values as bytes)."""
-    if response_dict.get("status_code", 500) >= 300:
-        return
-    body = response_dict.get("body")
-    if not isinstance(body, bytes | bytearray) or not body:
+    body = _successful_body(response_dict)
+    if body is None:
         return
     try:
         body.decode("utf-8")
