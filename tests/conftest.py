@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +17,13 @@ import pyarrow.dataset as ds
 import pytest
 import s3fs
 
+from pipeline.aws import AwsClients
 from pipeline.delivery.dead_letter import JsonlDeadLetters
 from pipeline.records import Batch
 from pipeline.runner import Pipeline
 from pipeline.settings import Settings, load_settings
 from pipeline.testing.emulator import EmbeddedAws, create_stream_table
-from sinks.base import RetryableSinkError, WriteResult
+from sinks.base import RetryableSinkError, Sink, WriteResult
 from sinks.memory import MemorySink
 
 # A region, as a configured AWS CLI gives one, so that configs which leave source.region unset load here as they
@@ -219,3 +220,25 @@ def started(aws: EmbeddedAws) -> Iterator[Callable[[Pipeline], Pipeline]]:
     yield start
     for pipeline in running:
         pipeline.stop(timeout=5)
+
+
+@pytest.fixture
+def on_simulator(
+    aws: EmbeddedAws, simulator: Any, make_settings: Callable[..., Settings]
+) -> Iterator[Callable[..., Pipeline]]:
+    """Pipelines reading a stream of the test module's `simulator` fixture (a StreamSimulator, answering in-process)
+    and writing to moto; every one is stopped at the end. `given_sinks` are passed to the pipeline as they are
+    (else the settings' own `sinks`); `source` and the other sections override make_settings'."""
+    made: list[Pipeline] = []
+
+    def build(stream: Any, *, given_sinks: Sequence[Sink] | None = None, **sections: Any) -> Pipeline:
+        source = {"table_name": None, "stream_arn": stream.arn, **sections.pop("source", {})}
+        settings = make_settings(source=source, **sections)
+        clients = AwsClients(aws.region, aws.endpoint_url)
+        simulator.attach(clients.client("dynamodbstreams"))
+        made.append(Pipeline(settings, sinks=given_sinks, clients=clients))
+        return made[-1]
+
+    yield build
+    for running in made:
+        running.stop(timeout=2)

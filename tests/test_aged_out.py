@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -46,19 +46,11 @@ Build = Callable[..., Pipeline]
 
 
 @pytest.fixture
-def build(aws: EmbeddedAws, simulator: StreamSimulator, make_settings: Callable[..., Settings]) -> Iterator[Build]:
-    made: list[Pipeline] = []
-
+def build(on_simulator: Callable[..., Pipeline]) -> Build:
     def pipeline(stream: SimulatedStream, sink: MemorySink, **source: Any) -> Pipeline:
-        settings = make_settings(source={"table_name": None, "stream_arn": stream.arn, **source})
-        clients = AwsClients(aws.region, aws.endpoint_url)
-        simulator.attach(clients.client("dynamodbstreams"))
-        made.append(Pipeline(settings, sinks=[sink], clients=clients))
-        return made[-1]
+        return on_simulator(stream, given_sinks=[sink], source=source)
 
-    yield pipeline
-    for running in made:
-        running.stop(timeout=2)
+    return pipeline
 
 
 def item(key: str, version: int) -> dict[str, Any]:

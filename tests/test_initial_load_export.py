@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from pipeline.aws import AwsClients
 from pipeline.runner import Pipeline
-from pipeline.settings import Settings
 from pipeline.testing.emulator import EmbeddedAws, create_stream_table
 from pipeline.testing.simulated_stream import SimulatedStream, StreamSimulator
 from tests.conftest import read_archive, unique, wait_until
@@ -40,13 +38,12 @@ def simulator() -> StreamSimulator:
 
 @pytest.fixture
 def export_pipeline(
-    aws: EmbeddedAws, simulator: StreamSimulator, make_settings: Callable[..., Settings], replica: str, bucket: str
-) -> Iterator[Callable[[SimulatedStream, str], Pipeline]]:
-    made: list[Pipeline] = []
-
+    on_simulator: Callable[..., Pipeline], replica: str, bucket: str
+) -> Callable[[SimulatedStream, str], Pipeline]:
     def build(stream: SimulatedStream, export_bucket: str) -> Pipeline:
-        settings = make_settings(
-            source={"table_name": None, "stream_arn": stream.arn, "initial_load": "export"},
+        return on_simulator(
+            stream,
+            source={"initial_load": "export"},
             initial_load={"segments": 3, "export_bucket": export_bucket, "export_poll_seconds": 0.2},
             lease={"failover_seconds": 3},
             sinks=[
@@ -54,14 +51,8 @@ def export_pipeline(
                 {"type": "s3_parquet", "bucket": bucket, "prefix": "orders/", "buffer_max_seconds": 0.5},
             ],
         )
-        clients = AwsClients(aws.region, aws.endpoint_url)
-        simulator.attach(clients.client("dynamodbstreams"))
-        made.append(Pipeline(settings, clients=clients))
-        return made[-1]
 
-    yield build
-    for pipeline in made:
-        pipeline.stop(timeout=5)
+    return build
 
 
 def test_export_load_with_a_writer_and_a_split_leaves_the_replica_equal_to_the_table(

@@ -16,14 +16,9 @@ from pipeline.runner import Pipeline
 from pipeline.settings import ConfigError, Settings
 from pipeline.testing.emulator import EmbeddedAws
 from tests.conftest import wait_until
-from tests.test_initial_load import INTERNAL, put, raw_replica, scan_all
+from tests.test_initial_load import INTERNAL, load_phase, put, raw_replica, scan_all
 
 KEYS = [f"k{n:03d}" for n in range(60)]
-
-
-def load_phase(pipeline: Pipeline) -> str | None:
-    load = pipeline.initial_load
-    return None if load is None or load.state is None else load.state.phase
 
 
 @pytest.fixture

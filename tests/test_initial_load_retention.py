@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from pipeline.aws import AwsClients
 from pipeline.initial_load import RetentionRiskError
 from pipeline.runner import Pipeline
-from pipeline.settings import Settings
 from pipeline.testing.emulator import EmbeddedAws, create_stream_table
 from pipeline.testing.simulated_stream import ManualClock, SimulatedStream, StreamSimulator
 from sinks.memory import MemorySink
@@ -41,31 +39,18 @@ def simulator(clock: ManualClock) -> StreamSimulator:
 
 
 @pytest.fixture
-def build(
-    aws: EmbeddedAws, simulator: StreamSimulator, make_settings: Callable[..., Settings]
-) -> Iterator[Callable[..., Pipeline]]:
-    made: list[Pipeline] = []
-
+def build(on_simulator: Callable[..., Pipeline]) -> Callable[..., Pipeline]:
     def pipeline(stream: SimulatedStream, sink: MemorySink, read_units: float) -> Pipeline:
-        settings = make_settings(
-            source={
-                "table_name": None,
-                "stream_arn": stream.arn,
-                "initial_load": "scan",
-                "starting_position": "LATEST",
-            },
+        return on_simulator(
+            stream,
+            given_sinks=[sink],
+            source={"initial_load": "scan", "starting_position": "LATEST"},
             initial_load={"segments": 2, "page_items": 5, "read_units_per_second": read_units},
             reader={"discovery_interval_seconds": 0.1},
             lease={"failover_seconds": 3},
         )
-        clients = AwsClients(aws.region, aws.endpoint_url)
-        simulator.attach(clients.client("dynamodbstreams"))
-        made.append(Pipeline(settings, sinks=[sink], clients=clients))
-        return made[-1]
 
-    yield pipeline
-    for running in made:
-        running.stop(timeout=2)
+    return pipeline
 
 
 def test_a_load_slower_than_retention_warns_then_stops_before_a_change_is_lost(

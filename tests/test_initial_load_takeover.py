@@ -36,6 +36,25 @@ class HeldSink(MemorySink):
         return super().write(batch)
 
 
+def ghost_holds(pipeline: Pipeline, dynamodb: Any, *, taken: bool) -> None:
+    """Another worker, "ghost" (live), takes the load (`taken`) or releases it, as a peer does when this worker's
+    heartbeat stalls or when it stops; then this worker's pass reads the row (it lost the load, or takes it back)."""
+    load = pipeline.initial_load
+    assert load is not None
+    pipeline.leases.is_live = lambda worker, at=None: True  # type: ignore[method-assign]
+    row = load.store.read()
+    assert row is not None
+    epoch = {":new": {"N": str(row.lease_epoch + 1)}}
+    dynamodb.update_item(
+        TableName=pipeline.settings.checkpoint.table_name,
+        Key=load.store._key(),
+        UpdateExpression="SET #owner = :ghost, lease_epoch = :new" if taken else "REMOVE #owner SET lease_epoch = :new",
+        ExpressionAttributeNames={"#owner": "owner"},
+        ExpressionAttributeValues={":ghost": {"S": "ghost"}, **epoch} if taken else epoch,
+    )
+    load.load_pass()
+
+
 def test_a_worker_that_lost_the_load_delivers_no_copy_of_a_page_spanning_several_batches(
     dynamodb: Any,
     table: str,
@@ -65,18 +84,7 @@ def test_a_worker_that_lost_the_load_delivers_no_copy_of_a_page_spanning_several
     assert load is not None
     wait_until(sink.holding.is_set, timeout=20, what="the first batch of copies to reach the sink")
 
-    # Another worker ("ghost", live) takes the load over, as B does when A's heartbeat stalls.
-    a.leases.is_live = lambda worker, at=None: True  # type: ignore[method-assign]
-    row = load.store.read()
-    assert row is not None
-    dynamodb.update_item(
-        TableName=settings.checkpoint.table_name,
-        Key=load.store._key(),
-        UpdateExpression="SET #owner = :ghost, lease_epoch = :new",
-        ExpressionAttributeNames={"#owner": "owner"},
-        ExpressionAttributeValues={":ghost": {"S": "ghost"}, ":new": {"N": str(row.lease_epoch + 1)}},
-    )
-    load.load_pass()  # A reads the row: it lost the load
+    ghost_holds(a, dynamodb, taken=True)  # A reads the row: it lost the load
     assert not load.copying
     lost_at = len(sink.records)
 
@@ -122,20 +130,8 @@ def test_pages_read_under_a_lost_hold_commit_nothing_after_the_load_is_taken_bac
     assert load is not None and load.copying
     first_hold = load.store.epoch
     assert first_hold is not None
-    a.leases.is_live = lambda worker, at=None: True  # type: ignore[method-assign]
-    key = load.store._key()
-    for update, values in (
-        ("SET #owner = :ghost, lease_epoch = :new", {":ghost": {"S": "ghost"}, ":new": {"N": str(first_hold + 1)}}),
-        ("REMOVE #owner SET lease_epoch = :new", {":new": {"N": str(first_hold + 2)}}),
-    ):
-        dynamodb.update_item(
-            TableName=settings.checkpoint.table_name,
-            Key=key,
-            UpdateExpression=update,
-            ExpressionAttributeNames={"#owner": "owner"},
-            ExpressionAttributeValues=values,
-        )
-        load.load_pass()  # the ghost takes it (A loses it), then releases it (A takes it back)
+    ghost_holds(a, dynamodb, taken=True)  # A loses the load
+    ghost_holds(a, dynamodb, taken=False)  # and takes it back
     assert load.copying and load.store.epoch not in (None, first_hold)
     # The first hold's last page, done by every sink only now:
     assert load.commit({0: (None, 1, 10, first_hold)}) is False
@@ -191,20 +187,8 @@ def test_a_retake_while_the_copy_thread_builds_its_loader_still_copies_the_table
     wait_until(building.is_set, timeout=20, what="the copy thread to build its loader")
     first_hold = load.store.epoch
     assert first_hold is not None
-    a.leases.is_live = lambda worker, at=None: True  # type: ignore[method-assign]
-    key = load.store._key()
-    for update, values in (
-        ("SET #owner = :ghost, lease_epoch = :new", {":ghost": {"S": "ghost"}, ":new": {"N": str(first_hold + 1)}}),
-        ("REMOVE #owner SET lease_epoch = :new", {":new": {"N": str(first_hold + 2)}}),
-    ):
-        dynamodb.update_item(
-            TableName=settings.checkpoint.table_name,
-            Key=key,
-            UpdateExpression=update,
-            ExpressionAttributeNames={"#owner": "owner"},
-            ExpressionAttributeValues=values,
-        )
-        load.load_pass()  # the ghost takes it (A loses it), then releases it (A takes it back)
+    ghost_holds(a, dynamodb, taken=True)  # A loses the load
+    ghost_holds(a, dynamodb, taken=False)  # and takes it back
     assert load.copying and load.store.epoch == first_hold + 3
     go_on.set()
     try:
