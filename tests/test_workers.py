@@ -29,6 +29,9 @@ from tests.conftest import read_archive, unique, wait_until
 from tests.test_crash_safety import STREAMSINK, write_config
 
 FAILOVER, HEARTBEAT, PASS = 6.0, 0.5, 2.0  # failover well past any heartbeat delay of a loaded CI machine
+WATCH = 0.25
+"""Seconds between the test's reads of the lease rows: each is a Query of the whole partition on the moto server the
+workers use: read every 50 ms (the default) they add load beside the workers' own passes on a loaded machine."""
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("workers")]  # one after another: fewer processes at once
 
@@ -205,6 +208,7 @@ def test_three_workers_share_32_shards_evenly_and_no_shard_is_read_by_two_at_onc
         lambda: sorted(len(s) for s in running.held().values()) == [10, 11, 11],
         timeout=2 * PASS + FAILOVER + 2,
         what="10-11 shards each within two passes",
+        interval=WATCH,
     )
     balanced = time.monotonic() - joined
     stream.write_synthetic(640, item_bytes=200, first=640)
@@ -228,7 +232,9 @@ def test_a_killed_workers_shards_are_taken_within_failover_and_only_its_unchecke
     stream = simulator.create_stream("orders", shards=8)
     running = fleet(stream, simulator)
     survivor, victim = running.start("survivor"), running.start("victim")
-    wait_until(lambda: sorted(len(s) for s in running.held().values()) == [4, 4], timeout=60, what="4 each")
+    wait_until(
+        lambda: sorted(len(s) for s in running.held().values()) == [4, 4], timeout=60, what="4 each", interval=WATCH
+    )
     writing = threading.Event()
 
     def write() -> None:
@@ -250,6 +256,7 @@ def test_a_killed_workers_shards_are_taken_within_failover_and_only_its_unchecke
             lambda: sorted(running.held().get("survivor", [])) == sorted(stream.open_shard_ids()),
             timeout=FAILOVER + PASS + 5,
             what="every orphan taken",
+            interval=WATCH,
         )
         time.sleep(1.0)
     finally:
@@ -292,7 +299,9 @@ def test_a_paused_worker_cannot_move_a_checkpoint_it_lost_and_the_replica_ends_e
     running = fleet(stream, simulator, sinks)
     running.start("awake")
     paused = running.start("paused")
-    wait_until(lambda: sorted(len(s) for s in running.held().values()) == [2, 2], timeout=60, what="2 each")
+    wait_until(
+        lambda: sorted(len(s) for s in running.held().values()) == [2, 2], timeout=60, what="2 each", interval=WATCH
+    )
     positions: dict[str, list[int]] = collections.defaultdict(list)
     sampling = threading.Event()
 
@@ -329,6 +338,7 @@ def test_a_paused_worker_cannot_move_a_checkpoint_it_lost_and_the_replica_ends_e
             lambda: sorted(running.held().get("awake", [])) == sorted(stream.open_shard_ids()),
             timeout=FAILOVER + PASS + 5,
             what="the paused worker's shards taken",
+            interval=WATCH,
         )
         churn(60, 120)
         paused.signal(signal.SIGCONT)
@@ -363,7 +373,9 @@ def test_rolling_restarts_hand_every_shard_on_within_seconds_and_lose_nothing(
     stream = simulator.create_stream("orders", shards=4)
     running = fleet(stream, simulator)
     current = [running.start("r0"), running.start("r1")]
-    wait_until(lambda: sorted(len(s) for s in running.held().values()) == [2, 2], timeout=60, what="2 each")
+    wait_until(
+        lambda: sorted(len(s) for s in running.held().values()) == [2, 2], timeout=60, what="2 each", interval=WATCH
+    )
     writing = threading.Event()
 
     def write() -> None:
@@ -418,6 +430,7 @@ def test_run_with_workers_starts_that_many_sharing_the_shards_and_a_sigterm_drai
         lambda: sorted((w, len(s)) for w, s in running.held().items()) == [("group-0", 3), ("group-1", 3)],
         timeout=60,
         what="two workers with 3 shards each",
+        interval=WATCH,
     )
     every = {r["eventID"] for r in stream.records()}
     wait_until(lambda: set(archived_ids(aws, bucket)) >= every, timeout=60, what="every change archived")
